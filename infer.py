@@ -1,0 +1,336 @@
+"""infer.py -- run AUSM over videos and score the outputs the way the benchmarks do.
+
+Paper Sec. 3 (benchmarks): prompted video segmentation (DAVIS 2017, YouTube-VOS, MOSE) is scored with
+J&F, unprompted video instance segmentation (YouTube-VIS 2019/2021, OVIS) with video AP/AR.
+The "Metrics" section below reimplements both in numpy, following ../shared/EVALUATION.md:
+  * DAVIS J&F as davis2017-evaluation computes it in the semi-supervised protocol (first and last frame
+    not scored, objects = 1..max id of the first ground-truth frame, object-weighted global means);
+  * video AP/AR as the YouTube-VIS cocoapi fork (ytvoseval.py) computes it.
+Both are checked against golden files produced by those reference tools (tests/test_infer.py).
+
+Left out: OVIS occlusion buckets (its plain AP equals the YouTube-VIS AP computed here); YouTube-VOS
+G (the seen/unseen split needs the benchmark server's category lists); DAVIS void pixels (the
+semi-supervised evaluator passes none, so 255 in a ground-truth PNG is background); the unsupervised
+DAVIS protocol.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------
+
+def davis_j(pred, gt):
+    """Region similarity J of one frame: |P and G| / |P or G|, 1 when both masks are empty."""
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    union = np.logical_or(pred, gt).sum()
+    return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
+
+
+def _seg2bmap(m):
+    """Boundary map: a pixel differs from its east, south or south-east neighbour (davis2017 _seg2bmap)."""
+    e, s, se = np.zeros_like(m), np.zeros_like(m), np.zeros_like(m)
+    e[:, :-1], s[:-1, :], se[:-1, :-1] = m[:, 1:], m[1:, :], m[1:, 1:]
+    b = (m ^ e) | (m ^ s) | (m ^ se)
+    b[-1, :] = m[-1, :] ^ e[-1, :]                  # last row: only the east neighbour exists
+    b[:, -1] = m[:, -1] ^ s[:, -1]                  # last column: only the south neighbour exists
+    b[-1, -1] = False
+    return b
+
+
+def _dilate(b, r):
+    """Binary dilation by the disk x^2 + y^2 <= r^2 (skimage disk + cv2.dilate; outside the image is 0)."""
+    h, w = b.shape
+    padded, out = np.pad(b, r), np.zeros_like(b)    # (h + 2r, w + 2r), (h, w)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            if dx * dx + dy * dy <= r * r:
+                out |= padded[r + dy:r + dy + h, r + dx:r + dx + w]
+    return out
+
+
+def davis_f(pred, gt, bound_th=0.008):
+    """Boundary measure F of one frame: F1 of boundary pixels matched within ceil(bound_th * diagonal)."""
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    r = int(bound_th if bound_th >= 1 else np.ceil(bound_th * np.linalg.norm(gt.shape)))
+    pb, gb = _seg2bmap(pred), _seg2bmap(gt)
+    n_pred, n_gt = int(pb.sum()), int(gb.sum())
+    if n_pred == 0 or n_gt == 0:                    # both empty: P = R = 1; one empty: P or R = 0
+        return 1.0 if n_pred == n_gt else 0.0
+    precision = (pb & _dilate(gb, r)).sum() / float(n_pred)
+    recall = (gb & _dilate(pb, r)).sum() / float(n_gt)
+    return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
+
+
+def davis_statistics(values):
+    """Mean, Recall (share of frames > 0.5) and Decay (first quarter minus last) of per-frame scores.
+    The quarters are davis2017's db_statistics bins (they share their end frames)."""
+    v = np.asarray(values, float)
+    ids = (np.round(np.linspace(1, len(v), 5) + 1e-10) - 1).astype(int)
+    bins = [v[ids[i]:ids[i + 1] + 1] for i in range(4)]
+    return float(np.mean(v)), float(np.mean(v > 0.5)), float(np.mean(bins[0]) - np.mean(bins[3]))
+
+
+def davis_sequence(gt, pred, bound_th=0.008, name="sequence"):
+    """Per-object, per-frame J and F of one sequence. gt, pred: (T, H, W) integer id maps.
+    Scores frames 1..T-2 for objects 1..N, N = max id of the first ground-truth frame (255 = void,
+    read as background). -> J, F: (N, T - 2) arrays."""
+    gt, pred = np.asarray(gt), np.asarray(pred)
+    if gt.ndim != 3 or gt.shape != pred.shape:
+        raise ValueError(f"{name}: ground truth {gt.shape} and prediction {pred.shape} must both be (T, H, W)"
+                         " with the same number of frames and the same frame size")
+    if len(gt) < 3:
+        raise ValueError(f"{name}: {len(gt)} frames; the first and last are not scored, so at least 3 are needed")
+    gt = np.where(gt == 255, 0, gt)                 # (T, H, W)
+    n = int(gt[0].max())
+    gt, pred = gt[1:-1], pred[1:-1]                 # (T - 2, H, W)
+    if pred.size and int(pred.max()) > n:
+        raise ValueError(f"{name}: the prediction has object id {int(pred.max())} but the first ground-truth "
+                         f"frame has only ids up to {n}; predict only the prompted objects")
+    J = np.array([[davis_j(p == i, g == i) for p, g in zip(pred, gt)] for i in range(1, n + 1)])
+    F = np.array([[davis_f(p == i, g == i, bound_th) for p, g in zip(pred, gt)] for i in range(1, n + 1)])
+    return J.reshape(n, len(gt)), F.reshape(n, len(gt))   # (N, T - 2) each
+
+
+def davis_scores(sequences, bound_th=0.008):
+    """J&F over sequences, an iterable of (name, gt, pred) with (T, H, W) id maps (one in memory at a time).
+    -> {"objects": [(f"{name}_{i}", J_MRD, F_MRD), ...], "J&F-Mean", "J-Mean", "J-Recall", "J-Decay",
+        "F-Mean", "F-Recall", "F-Decay"}; the global numbers are means over all objects of all sequences."""
+    objects = []
+    for name, gt, pred in sequences:
+        J, F = davis_sequence(gt, pred, bound_th, name)
+        objects += [(f"{name}_{i + 1}", davis_statistics(j), davis_statistics(f)) for i, (j, f) in enumerate(zip(J, F))]
+    if not objects:
+        raise ValueError("no objects to score: the first ground-truth frame of every sequence is empty")
+    out = {"objects": objects}
+    jm, fm = np.array([o[1] for o in objects]), np.array([o[2] for o in objects])   # (objects, 3) each
+    for k, stat in enumerate(("Mean", "Recall", "Decay")):
+        out[f"J-{stat}"], out[f"F-{stat}"] = float(np.mean(jm[:, k])), float(np.mean(fm[:, k]))
+    out["J&F-Mean"] = (out["J-Mean"] + out["F-Mean"]) / 2
+    return out
+
+
+def _rle_decode(seg):
+    """COCO RLE (compressed string or uncompressed list counts) -> bool (h, w); see EVALUATION.md."""
+    (h, w), counts = seg["size"], seg["counts"]
+    if isinstance(counts, str):                     # 5 bits a char, low first; counts from the 3rd are deltas
+        counts, chars, p = [], counts.encode(), 0
+        while p < len(chars):
+            x, k, more = 0, 0, True
+            while more:
+                c = chars[p] - 48
+                x |= (c & 0x1F) << (5 * k)
+                more, p, k = bool(c & 0x20), p + 1, k + 1
+                if not more and c & 0x10:
+                    x |= -1 << (5 * k)
+            counts.append(x + (counts[-2] if len(counts) > 2 else 0))
+    if sum(counts) != h * w:
+        raise ValueError(f"RLE counts sum to {sum(counts)} but size {h} x {w} needs {h * w}")
+    values = np.arange(len(counts)) % 2 == 1        # runs alternate 0, 1, 0, ...
+    return np.repeat(values, counts).reshape(w, h).T   # column-major -> (h, w)
+
+
+def _masks(segs):
+    """Decode one instance's per-frame segmentations; None where absent. Polygons need data.py."""
+    out = []
+    for s in segs:
+        if s is not None and not isinstance(s, dict):    # polygon list (ground truth only)
+            raise ValueError("polygon segmentations are not supported here; convert them to RLE first")
+        out.append(None if s is None else _rle_decode(s))
+    return out
+
+
+def _video_iou(d, g):
+    """Video IoU: sum over frames of intersections / sum of unions; one side absent adds its area."""
+    i = u = 0.0
+    for dm, gm in zip(d, g):
+        if dm is not None and gm is not None:
+            inter = int(np.logical_and(dm, gm).sum())
+            i, u = i + inter, u + int(dm.sum()) + int(gm.sum()) - inter
+        elif dm is not None or gm is not None:
+            u += int((dm if dm is not None else gm).sum())
+    return i / u if u > 0 else 0.0
+
+
+def _avg_area(areas):
+    nonzero = [a for a in areas if a]                # absent (None) and empty frames do not count
+    return float(np.mean(nonzero)) if nonzero else 0.0
+
+
+def ytvis_ap(gt_dataset, results):
+    """Video AP/AR as the YouTube-VIS cocoapi fork computes it (ytvoseval.py, segm, useCats).
+    gt_dataset: the parsed annotations JSON; results: the parsed predictions list.
+    -> {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}; -1 where nothing was there to score."""
+    iou_thrs, rec_thrs = np.linspace(0.5, 0.95, 10), np.linspace(0.0, 1.0, 101)
+    area_rngs, max_dets = [(0, 1e10), (0, 128 ** 2), (128 ** 2, 256 ** 2), (256 ** 2, 1e10)], (1, 10, 100)
+    vids = sorted(v["id"] for v in gt_dataset["videos"])
+    cats = sorted(c["id"] for c in gt_dataset["categories"])
+    gts, dts = {}, {}
+    for a in gt_dataset["annotations"]:
+        m = _masks(a["segmentations"])
+        areas = a.get("areas") or [None if x is None else int(x.sum()) for x in m]
+        gts.setdefault((a["video_id"], a["category_id"]), []).append(
+            dict(id=a["id"], masks=m, area=_avg_area(areas), crowd=int(a.get("iscrowd", 0))))
+    for n, r in enumerate(results):
+        if r["video_id"] not in vids:
+            raise ValueError(f"result {n} has video_id {r['video_id']}, which is not in the ground truth")
+        m = _masks(r["segmentations"])
+        dts.setdefault((r["video_id"], r["category_id"]), []).append(
+            dict(id=n + 1, masks=m, area=_avg_area([None if x is None else x.sum() for x in m]), score=r["score"]))
+    # precision (T, R, K, A, M) and recall (T, K, A, M); -1 = nothing to score
+    precision = -np.ones((len(iou_thrs), len(rec_thrs), len(cats), len(area_rngs), len(max_dets)))
+    recall = -np.ones((len(iou_thrs), len(cats), len(area_rngs), len(max_dets)))
+    for k, cat in enumerate(cats):
+        evals = {a: [] for a in range(len(area_rngs))}
+        for vid in vids:
+            g, d = gts.get((vid, cat), []), dts.get((vid, cat), [])
+            if not g and not d:
+                continue
+            d = [d[i] for i in np.argsort([-x["score"] for x in d], kind="mergesort")][:max_dets[-1]]
+            ious = np.array([[_video_iou(x["masks"], y["masks"]) for y in g] for x in d]).reshape(len(d), len(g))
+            for a, (lo, hi) in enumerate(area_rngs):    # greedy matching, as COCO's evaluateImg
+                g_ig = np.array([y["crowd"] or not lo <= y["area"] <= hi for y in g], bool)
+                order = np.argsort(g_ig, kind="mergesort")  # not-ignored ground truth first
+                gs, gig, iou = [g[j] for j in order], g_ig[order], ious[:, order]
+                gtm, dtm = np.zeros((len(iou_thrs), len(gs))), np.zeros((len(iou_thrs), len(d)))
+                dtig = np.zeros((len(iou_thrs), len(d)), bool)
+                for t, thr in enumerate(iou_thrs):
+                    for di in range(len(d)):
+                        best, m = min(thr, 1 - 1e-10), -1
+                        for gi in range(len(gs)):
+                            if gtm[t, gi] > 0 and not gs[gi]["crowd"]:
+                                continue
+                            if m > -1 and not gig[m] and gig[gi]:
+                                break
+                            if iou[di, gi] < best:
+                                continue
+                            best, m = iou[di, gi], gi
+                        if m > -1:
+                            dtig[t, di], dtm[t, di], gtm[t, m] = gig[m], gs[m]["id"], d[di]["id"]
+                out_of_rng = np.array([not lo <= x["area"] <= hi for x in d], bool)
+                dtig |= (dtm == 0) & out_of_rng[None]
+                evals[a].append((np.array([x["score"] for x in d]), dtm, dtig, gig))
+        for a, E in evals.items():
+            for mi, md in enumerate(max_dets):
+                if not E or sum(int(np.count_nonzero(~e[3])) for e in E) == 0:
+                    continue
+                npig = sum(int(np.count_nonzero(~e[3])) for e in E)
+                scores = np.concatenate([e[0][:md] for e in E])
+                inds = np.argsort(-scores, kind="mergesort")
+                dtm = np.concatenate([e[1][:, :md] for e in E], axis=1)[:, inds]    # (T, dets)
+                dtig = np.concatenate([e[2][:, :md] for e in E], axis=1)[:, inds]   # (T, dets)
+                tp_sum = np.cumsum((dtm != 0) & ~dtig, axis=1).astype(float)
+                fp_sum = np.cumsum((dtm == 0) & ~dtig, axis=1).astype(float)
+                for t in range(len(iou_thrs)):
+                    tp, fp = tp_sum[t], fp_sum[t]
+                    rc, pr = tp / npig, (tp / (fp + tp + np.spacing(1))).tolist()
+                    recall[t, k, a, mi] = rc[-1] if len(tp) else 0
+                    for i in range(len(tp) - 1, 0, -1):     # monotone envelope
+                        pr[i - 1] = max(pr[i - 1], pr[i])
+                    q = np.zeros(len(rec_thrs))
+                    for ri, pi in enumerate(np.searchsorted(rc, rec_thrs, side="left")):
+                        if pi >= len(pr):
+                            break
+                        q[ri] = pr[pi]
+                    precision[t, :, k, a, mi] = q
+
+    def mean(s):
+        return float(np.mean(s[s > -1])) if (s > -1).any() else -1.0
+    out = {"AP": mean(precision[..., 0, 2]), "AP50": mean(precision[0, ..., 0, 2]),
+           "AP75": mean(precision[5, ..., 0, 2])}
+    out.update({f"AP{s}": mean(precision[..., a, 2]) for a, s in enumerate("sml", 1)})
+    out.update({f"AR{md}": mean(recall[..., 0, m]) for m, md in enumerate(max_dets)})
+    out.update({f"AR{s}": mean(recall[..., a, 2]) for a, s in enumerate("sml", 1)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+def _read_ids(path):
+    """A DAVIS/YouTube-VOS palette PNG -> uint8 (H, W) object ids."""
+    img = Image.open(path)
+    if img.mode not in ("P", "L"):
+        raise ValueError(f"{path} is a mode {img.mode} image; masks must be palette ('P') PNGs whose pixel "
+                         "values are object ids (a mask saved as RGB loses them: save with mode 'P')")
+    return np.array(img)                            # (H, W)
+
+
+def _davis_folders(pred_dir, gt_dir):
+    """Yield (name, gt, pred) for each sequence folder of pred_dir; gt_dir/<name>/*.png are the frames.
+    Like davis2017-evaluation, only the scored frames (all but the first and last) need a prediction."""
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    for d in (pred_dir, gt_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d} is not a folder; pass folders laid out as <dir>/<sequence>/00000.png")
+    seqs = sorted(p.name for p in pred_dir.iterdir() if p.is_dir())
+    if not seqs:
+        raise FileNotFoundError(f"{pred_dir} has no sequence folders; expected {pred_dir}/<sequence>/00000.png")
+    for seq in seqs:
+        files = sorted((gt_dir / seq).glob("*.png"))
+        if not files:
+            raise FileNotFoundError(f"no ground truth for sequence {seq}: {gt_dir / seq} has no PNGs")
+        gt = np.stack([_read_ids(f) for f in files])    # (T, H, W)
+        pred = np.zeros_like(gt)                        # (T, H, W); first and last frame stay unscored zeros
+        for t, f in enumerate(files[1:-1], 1):
+            p = pred_dir / seq / f.name
+            if not p.exists():
+                raise FileNotFoundError(f"missing prediction {p} for ground-truth frame {f}")
+            pred[t] = _read_ids(p)
+        yield seq, gt, pred
+
+
+def evaluate(args):
+    """--eval: score predictions on disk and print the benchmark's numbers."""
+    if not args.pred or not args.gt:
+        raise ValueError(f"--eval {args.eval} needs both --pred and --gt (see python infer.py -h)")
+    if args.eval == "davis":
+        s = davis_scores(_davis_folders(args.pred, args.gt))
+        cols = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
+        print(f"{'Sequence':<24}" + "".join(f"{c:>10}" for c in cols))
+        for name, (jm, jr, jd), (fm, fr, fd) in s["objects"]:
+            print(f"{name:<24}" + "".join(f"{v:>10.4f}" for v in ((jm + fm) / 2, jm, jr, jd, fm, fr, fd)))
+        print(f"{'Global':<24}" + "".join(f"{s[c]:>10.4f}" for c in cols))
+        return s
+    for path in (args.pred, args.gt):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} does not exist; --pred is results.json, --gt the annotations JSON")
+    s = ytvis_ap(json.loads(Path(args.gt).read_text()), json.loads(Path(args.pred).read_text()))
+    for k, v in s.items():
+        print(f"{k:<6} {v:.4f}")
+    return s
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description="AUSM inference and benchmark scoring (paper Sec. 3).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python infer.py --eval davis --pred out/davis --gt DAVIS/Annotations/480p\n"
+               "  python infer.py --eval ytvis --pred out/results.json --gt valid/instances.json")
+    ap.add_argument("--eval", choices=("davis", "ytvis"),
+                    help="score predictions instead of running the model: 'davis' prints J&F per object "
+                         "(<sequence>_<id>) and overall; 'ytvis' prints video AP/AR (YouTube-VIS, OVIS)")
+    ap.add_argument("--pred", help="with --eval davis: folder of <sequence>/<frame>.png palette PNGs; "
+                                   "with --eval ytvis: results.json (list of per-video predictions)")
+    ap.add_argument("--gt", help="with --eval davis: folder of ground-truth <sequence>/<frame>.png "
+                                 "(e.g. DAVIS/Annotations/480p); with --eval ytvis: the annotations JSON")
+    # inference flags (--checkpoint, --video, --out, --prompt, --mode, --num-frames) are added here
+    args = ap.parse_args(argv)
+    try:
+        if args.eval:
+            return evaluate(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    ap.print_help()
+
+
+if __name__ == "__main__":
+    main()

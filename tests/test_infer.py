@@ -1,0 +1,112 @@
+"""Tests for infer.py's metrics: golden files from davis2017-evaluation and the YouTube-VIS cocoapi fork."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import infer
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+
+
+def load_golden(name):
+    path = GOLDEN / name
+    if not path.exists():
+        pytest.fail(f"golden file {path} is missing: the metrics tests need ../shared/golden/ beside the repo")
+    return json.loads(path.read_text())
+
+
+def davis_labels(seq, who):
+    """(T, H, W) id maps of a golden sequence, from digit rows or from rectangles."""
+    if f"{who}_label_rows" in seq:
+        return np.array([[[int(c) for c in row] for row in frame] for frame in seq[f"{who}_label_rows"]])
+    out = np.zeros((seq["T"], seq["h"], seq["w"]), np.uint8)
+    for t, rects in enumerate(seq[f"{who}_rects_id_y0y1x0x1"]):
+        for obj, y0, y1, x0, x1 in rects:                       # later rectangles overwrite
+            out[t, y0:y1, x0:x1] = obj
+    return out
+
+
+DAVIS = load_golden("davis_jf_golden.json") if (GOLDEN / "davis_jf_golden.json").exists() else {"sequences": []}
+
+
+@pytest.mark.parametrize("seq", DAVIS["sequences"], ids=lambda s: s["name"])
+def test_davis_golden_sequence(seq):
+    gt, pred = davis_labels(seq, "gt"), davis_labels(seq, "pred")
+    J, F = infer.davis_sequence(gt, pred)
+    np.testing.assert_allclose(J, seq["J_per_object_per_frame"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(F, seq["F_per_object_per_frame"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose([infer.davis_statistics(j) for j in J], seq["per_object_stats_M_R_D"]["J"], atol=1e-6)
+    np.testing.assert_allclose([infer.davis_statistics(f) for f in F], seq["per_object_stats_M_R_D"]["F"], atol=1e-6)
+
+
+def test_davis_golden_global():
+    golden = load_golden("davis_jf_golden.json")
+    s = infer.davis_scores((q["name"], davis_labels(q, "gt"), davis_labels(q, "pred")) for q in golden["sequences"])
+    for k, v in golden["global"].items():
+        assert s[k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_davis_empty_cases():
+    empty, box = np.zeros((6, 8), bool), np.zeros((6, 8), bool)
+    box[2:4, 3:6] = True
+    assert infer.davis_j(empty, empty) == 1 and infer.davis_f(empty, empty) == 1
+    assert infer.davis_j(box, empty) == 0 and infer.davis_f(box, empty) == 0 and infer.davis_f(empty, box) == 0
+    # a mask filling the frame has no boundary (the image border is not one), as in davis2017's _seg2bmap
+    assert infer.davis_f(np.ones((6, 8), bool), empty) == 1
+
+
+YTVIS = load_golden("ytvis_ap_golden.json") if (GOLDEN / "ytvis_ap_golden.json").exists() else {"cases": []}
+
+
+@pytest.mark.parametrize("case", YTVIS["cases"], ids=lambda c: f"seed{c['seed']}")
+def test_ytvis_golden(case):
+    s = infer.ytvis_ap(case["gt"], case["results"])
+    assert set(s) == set(case["stats"])
+    for k, v in case["stats"].items():
+        assert s[k] == pytest.approx(v, abs=1e-6), k
+
+
+@pytest.mark.parametrize("case", YTVIS["cases"], ids=lambda c: f"seed{c['seed']}")
+def test_ytvis_golden_ious(case):
+    for key, rows in case["ious_dt_by_gt_keyed_video_cat"].items():
+        vid, cat = map(int, key.split(","))
+        d = [r for r in case["results"] if (r["video_id"], r["category_id"]) == (vid, cat)]
+        d = [d[i] for i in np.argsort([-r["score"] for r in d], kind="mergesort")][:100]
+        g = [a for a in case["gt"]["annotations"] if (a["video_id"], a["category_id"]) == (vid, cat)]
+        ious = [[infer._video_iou(infer._masks(x["segmentations"]), infer._masks(y["segmentations"])) for y in g]
+                for x in d]
+        if rows:
+            np.testing.assert_allclose(np.array(ious).reshape(len(d), len(g)), rows, atol=1e-6, err_msg=key)
+
+
+def test_ytvis_results_against_themselves_score_one():
+    case = YTVIS["cases"][0]
+    results = case["results"]
+    gt = {"videos": case["gt"]["videos"], "categories": case["gt"]["categories"],
+          "annotations": [dict(r, id=n + 1, iscrowd=0) for n, r in enumerate(results)]}
+    s = infer.ytvis_ap(gt, results)
+    assert s["AP"] == pytest.approx(1.0) and s["AP50"] == pytest.approx(1.0) and s["AR100"] == pytest.approx(1.0)
+
+
+def write_palette(path, ids):
+    img = Image.fromarray(ids.astype(np.uint8), mode="P")
+    img.putpalette([v for i in range(256) for v in (i * 40 % 256, i * 90 % 256, i * 150 % 256)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def test_cli_davis_on_palette_folders(tmp_path, capsys):
+    golden = load_golden("davis_jf_golden.json")
+    for q in golden["sequences"][:3]:
+        for t, (g, p) in enumerate(zip(davis_labels(q, "gt"), davis_labels(q, "pred"))):
+            write_palette(tmp_path / "gt" / q["name"] / f"{t:05d}.png", g)
+            write_palette(tmp_path / "pred" / q["name"] / f"{t:05d}.png", p)
+    s = infer.main(["--eval", "davis", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")])
+    out = capsys.readouterr().out
+    assert "Global" in out and "small_a_1" in out
+    direct = infer.davis_scores((q["name"], davis_labels(q, "gt"), davis_labels(q, "pred"))
+                                for q in sorted(golden["sequences"][:3], key=lambda q: q["name"]))
+    assert s["J&F-Mean"] == pytest.approx(direct["J&F-Mean"], abs=1e-12)
