@@ -14,6 +14,7 @@ semi-supervised evaluator passes none, so 255 in a ground-truth PNG is backgroun
 DAVIS protocol.
 """
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -48,10 +49,9 @@ def _dilate(b, r):
     """Binary dilation by the disk x^2 + y^2 <= r^2 (skimage disk + cv2.dilate; outside the image is 0)."""
     h, w = b.shape
     padded, out = np.pad(b, r), np.zeros_like(b)    # (h + 2r, w + 2r), (h, w)
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            if dx * dx + dy * dy <= r * r:
-                out |= padded[r + dy:r + dy + h, r + dx:r + dx + w]
+    for dy, dx in itertools.product(range(-r, r + 1), repeat=2):
+        if dx * dx + dy * dy <= r * r:
+            out |= padded[r + dy:r + dy + h, r + dx:r + dx + w]
     return out
 
 
@@ -116,39 +116,30 @@ def davis_scores(sequences, bound_th=0.008):
     return out
 
 
-def _rle_decode(seg):
-    """COCO RLE (compressed string or uncompressed list counts) -> bool (h, w); see EVALUATION.md."""
+def _decode(seg):
+    """COCO RLE (compressed string or list counts; see EVALUATION.md) -> bool (h, w); None stays None."""
+    if seg is None:
+        return None
+    if not isinstance(seg, dict):
+        raise ValueError("polygon segmentations are not supported by ytvis_ap; convert them to RLE first")
     (h, w), counts = seg["size"], seg["counts"]
-    if isinstance(counts, str):                     # 5 bits a char, low first; counts from the 3rd are deltas
+    if isinstance(counts, str):                     # 5 bits a char, low first; from the 4th on, deltas
         counts, chars, p = [], counts.encode(), 0
         while p < len(chars):
             x, k, more = 0, 0, True
             while more:
                 c = chars[p] - 48
-                x |= (c & 0x1F) << (5 * k)
-                more, p, k = bool(c & 0x20), p + 1, k + 1
-                if not more and c & 0x10:
-                    x |= -1 << (5 * k)
+                x, more, p, k = x | (c & 0x1F) << (5 * k), c & 0x20, p + 1, k + 1
+            x |= -1 << (5 * k) if c & 0x10 else 0   # sign bit of the last character
             counts.append(x + (counts[-2] if len(counts) > 2 else 0))
     if sum(counts) != h * w:
-        raise ValueError(f"RLE counts sum to {sum(counts)} but size {h} x {w} needs {h * w}")
-    values = np.arange(len(counts)) % 2 == 1        # runs alternate 0, 1, 0, ...
-    return np.repeat(values, counts).reshape(w, h).T   # column-major -> (h, w)
-
-
-def _masks(segs):
-    """Decode one instance's per-frame segmentations; None where absent. Polygons need data.py."""
-    out = []
-    for s in segs:
-        if s is not None and not isinstance(s, dict):    # polygon list (ground truth only)
-            raise ValueError("polygon segmentations are not supported here; convert them to RLE first")
-        out.append(None if s is None else _rle_decode(s))
-    return out
+        raise ValueError(f"RLE counts sum to {sum(counts)} but its size {h} x {w} needs {h * w}")
+    return np.repeat(np.arange(len(counts)) % 2 == 1, counts).reshape(w, h).T   # column-major -> (h, w)
 
 
 def _video_iou(d, g):
     """Video IoU: sum over frames of intersections / sum of unions; one side absent adds its area."""
-    i = u = 0.0
+    i = u = 0
     for dm, gm in zip(d, g):
         if dm is not None and gm is not None:
             inter = int(np.logical_and(dm, gm).sum())
@@ -158,94 +149,92 @@ def _video_iou(d, g):
     return i / u if u > 0 else 0.0
 
 
-def _avg_area(areas):
-    nonzero = [a for a in areas if a]                # absent (None) and empty frames do not count
-    return float(np.mean(nonzero)) if nonzero else 0.0
+IOU_THRS, REC_THRS, MAX_DETS = np.linspace(0.5, 0.95, 10), np.linspace(0.0, 1.0, 101), (1, 10, 100)
+AREA_RNGS = ((0, 1e10), (0, 128 ** 2), (128 ** 2, 256 ** 2), (256 ** 2, 1e10))   # all, small, medium, large
+
+
+def _instances(anns, is_gt):
+    """Group annotations (or results) by (video, category), masks decoded, mean non-zero area over frames."""
+    out = {}
+    for n, a in enumerate(anns):
+        m = [_decode(s) for s in a["segmentations"]]
+        areas = [x for x in ((is_gt and a.get("areas")) or [None if x is None else x.sum() for x in m]) if x]
+        out.setdefault((a["video_id"], a["category_id"]), []).append(dict(
+            id=a["id"] if is_gt else n + 1, masks=m, area=float(np.mean(areas)) if areas else 0.0,
+            crowd=is_gt and bool(a.get("iscrowd")), score=a.get("score")))
+    return out
+
+
+def _match(d, g, ious, lo, hi):
+    """Greedy matching of one (video, category) in one area range, as COCO's evaluateImg.
+    d: detections by score; g: ground truth; ious (D, G). -> (scores, dt_matched (T, D), dt_ignored, gt_ignored)."""
+    g_ig = np.array([y["crowd"] or not lo <= y["area"] <= hi for y in g], bool)
+    order = np.argsort(g_ig, kind="mergesort")      # ground truth not ignored first
+    g, g_ig, ious = [g[j] for j in order], g_ig[order], ious[:, order]
+    gtm, dtm = np.zeros((len(IOU_THRS), len(g))), np.zeros((len(IOU_THRS), len(d)))   # matched ids, 0 = none
+    dt_ig = np.zeros((len(IOU_THRS), len(d)), bool)
+    for (t, thr), di in itertools.product(enumerate(IOU_THRS), range(len(d))):
+        best, m = min(thr, 1 - 1e-10), -1
+        for gi in range(len(g)):
+            if gtm[t, gi] > 0 and not g[gi]["crowd"]:
+                continue                            # taken (a crowd region can take many)
+            if m > -1 and not g_ig[m] and g_ig[gi]:
+                break                               # a real match beats any ignored one
+            if ious[di, gi] >= best:
+                best, m = ious[di, gi], gi
+        if m > -1:
+            dt_ig[t, di], dtm[t, di], gtm[t, m] = g_ig[m], g[m]["id"], d[di]["id"]
+    out_of_rng = np.array([not lo <= x["area"] <= hi for x in d], bool)
+    return np.array([x["score"] for x in d]), dtm, dt_ig | ((dtm == 0) & out_of_rng), g_ig
+
+
+def _precision_recall(E, md):
+    """101-point interpolated precision (T, R) and recall (T,) of one category, md detections per video."""
+    npig = sum(int(np.count_nonzero(~e[3])) for e in E)
+    if npig == 0:
+        return None                                 # nothing to find: stays -1
+    inds = np.argsort(-np.concatenate([e[0][:md] for e in E]), kind="mergesort")
+    dtm = np.concatenate([e[1][:, :md] for e in E], axis=1)[:, inds]    # (T, detections)
+    dt_ig = np.concatenate([e[2][:, :md] for e in E], axis=1)[:, inds]  # (T, detections)
+    tps = np.cumsum((dtm != 0) & ~dt_ig, axis=1).astype(float)          # (T, detections)
+    fps = np.cumsum((dtm == 0) & ~dt_ig, axis=1).astype(float)          # (T, detections)
+    precision, recall = np.zeros((len(IOU_THRS), len(REC_THRS))), np.zeros(len(IOU_THRS))
+    for t, (tp, fp) in enumerate(zip(tps, fps)):
+        rc, pr = tp / npig, np.maximum.accumulate((tp / (fp + tp + np.spacing(1)))[::-1])[::-1]   # envelope
+        recall[t] = rc[-1] if len(tp) else 0
+        inds = np.searchsorted(rc, REC_THRS, side="left")
+        inds = inds[inds < len(pr)]                 # recall levels never reached keep precision 0
+        precision[t, :len(inds)] = pr[inds]
+    return precision, recall
 
 
 def ytvis_ap(gt_dataset, results):
-    """Video AP/AR as the YouTube-VIS cocoapi fork computes it (ytvoseval.py, segm, useCats).
+    """Video AP/AR as the YouTube-VIS cocoapi fork computes it (ytvoseval.py, segm, per category).
     gt_dataset: the parsed annotations JSON; results: the parsed predictions list.
-    -> {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}; -1 where nothing was there to score."""
-    iou_thrs, rec_thrs = np.linspace(0.5, 0.95, 10), np.linspace(0.0, 1.0, 101)
-    area_rngs, max_dets = [(0, 1e10), (0, 128 ** 2), (128 ** 2, 256 ** 2), (256 ** 2, 1e10)], (1, 10, 100)
-    vids = sorted(v["id"] for v in gt_dataset["videos"])
-    cats = sorted(c["id"] for c in gt_dataset["categories"])
-    gts, dts = {}, {}
-    for a in gt_dataset["annotations"]:
-        m = _masks(a["segmentations"])
-        areas = a.get("areas") or [None if x is None else int(x.sum()) for x in m]
-        gts.setdefault((a["video_id"], a["category_id"]), []).append(
-            dict(id=a["id"], masks=m, area=_avg_area(areas), crowd=int(a.get("iscrowd", 0))))
-    for n, r in enumerate(results):
-        if r["video_id"] not in vids:
-            raise ValueError(f"result {n} has video_id {r['video_id']}, which is not in the ground truth")
-        m = _masks(r["segmentations"])
-        dts.setdefault((r["video_id"], r["category_id"]), []).append(
-            dict(id=n + 1, masks=m, area=_avg_area([None if x is None else x.sum() for x in m]), score=r["score"]))
-    # precision (T, R, K, A, M) and recall (T, K, A, M); -1 = nothing to score
-    precision = -np.ones((len(iou_thrs), len(rec_thrs), len(cats), len(area_rngs), len(max_dets)))
-    recall = -np.ones((len(iou_thrs), len(cats), len(area_rngs), len(max_dets)))
+    -> {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}; -1 where there was nothing to score."""
+    vids, cats = sorted(v["id"] for v in gt_dataset["videos"]), sorted(c["id"] for c in gt_dataset["categories"])
+    bad = [r["video_id"] for r in results if r["video_id"] not in vids]
+    if bad:
+        raise ValueError(f"results for video_id {bad[0]}, which is not in the ground truth")
+    gts, dts = _instances(gt_dataset["annotations"], True), _instances(results, False)
+    precision = -np.ones((len(IOU_THRS), len(REC_THRS), len(cats), len(AREA_RNGS), len(MAX_DETS)))  # -1: none
+    recall = -np.ones((len(IOU_THRS), len(cats), len(AREA_RNGS), len(MAX_DETS)))
     for k, cat in enumerate(cats):
-        evals = {a: [] for a in range(len(area_rngs))}
-        for vid in vids:
-            g, d = gts.get((vid, cat), []), dts.get((vid, cat), [])
-            if not g and not d:
-                continue
-            d = [d[i] for i in np.argsort([-x["score"] for x in d], kind="mergesort")][:max_dets[-1]]
+        E = [[] for _ in AREA_RNGS]                 # per area range, one entry per video with anything in it
+        for g, d in ((gts.get((v, cat), []), dts.get((v, cat), [])) for v in vids):
+            d = [d[i] for i in np.argsort([-x["score"] for x in d], kind="mergesort")][:MAX_DETS[-1]]
             ious = np.array([[_video_iou(x["masks"], y["masks"]) for y in g] for x in d]).reshape(len(d), len(g))
-            for a, (lo, hi) in enumerate(area_rngs):    # greedy matching, as COCO's evaluateImg
-                g_ig = np.array([y["crowd"] or not lo <= y["area"] <= hi for y in g], bool)
-                order = np.argsort(g_ig, kind="mergesort")  # not-ignored ground truth first
-                gs, gig, iou = [g[j] for j in order], g_ig[order], ious[:, order]
-                gtm, dtm = np.zeros((len(iou_thrs), len(gs))), np.zeros((len(iou_thrs), len(d)))
-                dtig = np.zeros((len(iou_thrs), len(d)), bool)
-                for t, thr in enumerate(iou_thrs):
-                    for di in range(len(d)):
-                        best, m = min(thr, 1 - 1e-10), -1
-                        for gi in range(len(gs)):
-                            if gtm[t, gi] > 0 and not gs[gi]["crowd"]:
-                                continue
-                            if m > -1 and not gig[m] and gig[gi]:
-                                break
-                            if iou[di, gi] < best:
-                                continue
-                            best, m = iou[di, gi], gi
-                        if m > -1:
-                            dtig[t, di], dtm[t, di], gtm[t, m] = gig[m], gs[m]["id"], d[di]["id"]
-                out_of_rng = np.array([not lo <= x["area"] <= hi for x in d], bool)
-                dtig |= (dtm == 0) & out_of_rng[None]
-                evals[a].append((np.array([x["score"] for x in d]), dtm, dtig, gig))
-        for a, E in evals.items():
-            for mi, md in enumerate(max_dets):
-                if not E or sum(int(np.count_nonzero(~e[3])) for e in E) == 0:
-                    continue
-                npig = sum(int(np.count_nonzero(~e[3])) for e in E)
-                scores = np.concatenate([e[0][:md] for e in E])
-                inds = np.argsort(-scores, kind="mergesort")
-                dtm = np.concatenate([e[1][:, :md] for e in E], axis=1)[:, inds]    # (T, dets)
-                dtig = np.concatenate([e[2][:, :md] for e in E], axis=1)[:, inds]   # (T, dets)
-                tp_sum = np.cumsum((dtm != 0) & ~dtig, axis=1).astype(float)
-                fp_sum = np.cumsum((dtm == 0) & ~dtig, axis=1).astype(float)
-                for t in range(len(iou_thrs)):
-                    tp, fp = tp_sum[t], fp_sum[t]
-                    rc, pr = tp / npig, (tp / (fp + tp + np.spacing(1))).tolist()
-                    recall[t, k, a, mi] = rc[-1] if len(tp) else 0
-                    for i in range(len(tp) - 1, 0, -1):     # monotone envelope
-                        pr[i - 1] = max(pr[i - 1], pr[i])
-                    q = np.zeros(len(rec_thrs))
-                    for ri, pi in enumerate(np.searchsorted(rc, rec_thrs, side="left")):
-                        if pi >= len(pr):
-                            break
-                        q[ri] = pr[pi]
-                    precision[t, :, k, a, mi] = q
+            for a, (lo, hi) in enumerate(AREA_RNGS if g or d else ()):
+                E[a].append(_match(d, g, ious, lo, hi))
+        for (a, e), (m, md) in itertools.product(enumerate(E), enumerate(MAX_DETS)):
+            if (pr := _precision_recall(e, md)) is not None:
+                precision[:, :, k, a, m], recall[:, k, a, m] = pr
 
     def mean(s):
         return float(np.mean(s[s > -1])) if (s > -1).any() else -1.0
-    out = {"AP": mean(precision[..., 0, 2]), "AP50": mean(precision[0, ..., 0, 2]),
-           "AP75": mean(precision[5, ..., 0, 2])}
+    out = {"AP": mean(precision[..., 0, 2]), "AP50": mean(precision[0, ..., 0, 2]), "AP75": mean(precision[5, ..., 0, 2])}
     out.update({f"AP{s}": mean(precision[..., a, 2]) for a, s in enumerate("sml", 1)})
-    out.update({f"AR{md}": mean(recall[..., 0, m]) for m, md in enumerate(max_dets)})
+    out.update({f"AR{md}": mean(recall[..., 0, m]) for m, md in enumerate(MAX_DETS)})
     out.update({f"AR{s}": mean(recall[..., a, 2]) for a, s in enumerate("sml", 1)})
     return out
 
@@ -258,75 +247,61 @@ def _read_ids(path):
     """A DAVIS/YouTube-VOS palette PNG -> uint8 (H, W) object ids."""
     img = Image.open(path)
     if img.mode not in ("P", "L"):
-        raise ValueError(f"{path} is a mode {img.mode} image; masks must be palette ('P') PNGs whose pixel "
-                         "values are object ids (a mask saved as RGB loses them: save with mode 'P')")
+        raise ValueError(f"{path} is a mode {img.mode} image; masks must be palette ('P') PNGs of object ids")
     return np.array(img)                            # (H, W)
 
 
 def _davis_folders(pred_dir, gt_dir):
-    """Yield (name, gt, pred) for each sequence folder of pred_dir; gt_dir/<name>/*.png are the frames.
-    Like davis2017-evaluation, only the scored frames (all but the first and last) need a prediction."""
-    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    for d in (pred_dir, gt_dir):
-        if not d.is_dir():
-            raise FileNotFoundError(f"{d} is not a folder; pass folders laid out as <dir>/<sequence>/00000.png")
-    seqs = sorted(p.name for p in pred_dir.iterdir() if p.is_dir())
-    if not seqs:
-        raise FileNotFoundError(f"{pred_dir} has no sequence folders; expected {pred_dir}/<sequence>/00000.png")
+    """Yield (name, gt, pred) for each <sequence> folder of pred_dir, gt from gt_dir/<sequence>/*.png.
+    As in davis2017-evaluation only the scored frames (all but the first and last) need a prediction."""
+    seqs = sorted(p.name for p in Path(pred_dir).glob("*") if p.is_dir())
+    if not seqs or not Path(gt_dir).is_dir():
+        raise FileNotFoundError(f"expected folders {pred_dir}/<sequence>/00000.png and {gt_dir}/<sequence>/00000.png")
     for seq in seqs:
-        files = sorted((gt_dir / seq).glob("*.png"))
+        files = sorted((Path(gt_dir) / seq).glob("*.png"))
         if not files:
-            raise FileNotFoundError(f"no ground truth for sequence {seq}: {gt_dir / seq} has no PNGs")
+            raise FileNotFoundError(f"no ground truth for sequence {seq}: {Path(gt_dir) / seq} has no PNGs")
         gt = np.stack([_read_ids(f) for f in files])    # (T, H, W)
         pred = np.zeros_like(gt)                        # (T, H, W); first and last frame stay unscored zeros
         for t, f in enumerate(files[1:-1], 1):
-            p = pred_dir / seq / f.name
-            if not p.exists():
-                raise FileNotFoundError(f"missing prediction {p} for ground-truth frame {f}")
-            pred[t] = _read_ids(p)
+            if not (Path(pred_dir) / seq / f.name).exists():
+                raise FileNotFoundError(f"missing prediction {Path(pred_dir) / seq / f.name} for ground truth {f}")
+            pred[t] = _read_ids(Path(pred_dir) / seq / f.name)
         yield seq, gt, pred
 
 
-def evaluate(args):
-    """--eval: score predictions on disk and print the benchmark's numbers."""
-    if not args.pred or not args.gt:
-        raise ValueError(f"--eval {args.eval} needs both --pred and --gt (see python infer.py -h)")
-    if args.eval == "davis":
-        s = davis_scores(_davis_folders(args.pred, args.gt))
+def evaluate(kind, pred, gt):
+    """--eval: score predictions on disk, print the benchmark's numbers, return them."""
+    if kind == "davis":
+        s = davis_scores(_davis_folders(pred, gt))
         cols = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
-        print(f"{'Sequence':<24}" + "".join(f"{c:>10}" for c in cols))
+        print(f"{'Sequence_object':<24}" + "".join(f"{c:>10}" for c in cols))
         for name, (jm, jr, jd), (fm, fr, fd) in s["objects"]:
             print(f"{name:<24}" + "".join(f"{v:>10.4f}" for v in ((jm + fm) / 2, jm, jr, jd, fm, fr, fd)))
         print(f"{'Global':<24}" + "".join(f"{s[c]:>10.4f}" for c in cols))
         return s
-    for path in (args.pred, args.gt):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path} does not exist; --pred is results.json, --gt the annotations JSON")
-    s = ytvis_ap(json.loads(Path(args.gt).read_text()), json.loads(Path(args.pred).read_text()))
-    for k, v in s.items():
-        print(f"{k:<6} {v:.4f}")
+    if not (Path(pred).is_file() and Path(gt).is_file()):
+        raise FileNotFoundError(f"--pred {pred} must be results.json and --gt {gt} the annotations JSON")
+    s = ytvis_ap(json.loads(Path(gt).read_text()), json.loads(Path(pred).read_text()))
+    print("\n".join(f"{k:<6} {v:.4f}" for k, v in s.items()))
     return s
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
-        description="AUSM inference and benchmark scoring (paper Sec. 3).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  python infer.py --eval davis --pred out/davis --gt DAVIS/Annotations/480p\n"
-               "  python infer.py --eval ytvis --pred out/results.json --gt valid/instances.json")
-    ap.add_argument("--eval", choices=("davis", "ytvis"),
-                    help="score predictions instead of running the model: 'davis' prints J&F per object "
-                         "(<sequence>_<id>) and overall; 'ytvis' prints video AP/AR (YouTube-VIS, OVIS)")
-    ap.add_argument("--pred", help="with --eval davis: folder of <sequence>/<frame>.png palette PNGs; "
-                                   "with --eval ytvis: results.json (list of per-video predictions)")
-    ap.add_argument("--gt", help="with --eval davis: folder of ground-truth <sequence>/<frame>.png "
-                                 "(e.g. DAVIS/Annotations/480p); with --eval ytvis: the annotations JSON")
-    # inference flags (--checkpoint, --video, --out, --prompt, --mode, --num-frames) are added here
+    ap = argparse.ArgumentParser(description="AUSM inference and benchmark scoring (paper Sec. 3).")
+    ap.add_argument("--eval", choices=("davis", "ytvis"), help="score predictions instead of running the model: "
+                    "davis = J&F per <sequence>_<object> and overall; ytvis = video AP/AR (YouTube-VIS, OVIS)")
+    ap.add_argument("--pred", help="--eval davis: folder of <sequence>/<frame>.png palette PNGs; "
+                                   "--eval ytvis: results.json (list of per-video predictions)")
+    ap.add_argument("--gt", help="--eval davis: folder of ground-truth <sequence>/<frame>.png "
+                                 "(e.g. DAVIS/Annotations/480p); --eval ytvis: the annotations JSON")
+    # (inference flags --checkpoint, --video, --out, --prompt, --mode, --num-frames go here)
     args = ap.parse_args(argv)
     try:
         if args.eval:
-            return evaluate(args)
+            if not (args.pred and args.gt):
+                ap.error(f"--eval {args.eval} needs both --pred and --gt")
+            return evaluate(args.eval, args.pred, args.gt)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     ap.print_help()

@@ -76,7 +76,7 @@ def test_ytvis_golden_ious(case):
         d = [r for r in case["results"] if (r["video_id"], r["category_id"]) == (vid, cat)]
         d = [d[i] for i in np.argsort([-r["score"] for r in d], kind="mergesort")][:100]
         g = [a for a in case["gt"]["annotations"] if (a["video_id"], a["category_id"]) == (vid, cat)]
-        ious = [[infer._video_iou(infer._masks(x["segmentations"]), infer._masks(y["segmentations"])) for y in g]
+        ious = [[infer._video_iou(*[[infer._decode(s) for s in z["segmentations"]] for z in (x, y)]) for y in g]
                 for x in d]
         if rows:
             np.testing.assert_allclose(np.array(ious).reshape(len(d), len(g)), rows, atol=1e-6, err_msg=key)
