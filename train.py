@@ -27,6 +27,7 @@ per batch), Mask2Former's point sampling and backbone lr multiplier.
 """
 import argparse
 import dataclasses
+import itertools
 import math
 import os
 import sys
@@ -87,3 +88,139 @@ def hungarian(cost):
         rows, cols = cols, rows
     order = np.argsort(rows)
     return rows[order], cols[order]
+
+
+# ----------------------------------------------------------------------------- Alg. 2: teacher forcing
+PROMPTED_DATASETS = ("synthetic", "davis", "mose", "ytvos")  # [D] class-agnostic VOS sets (+ synthetic)
+
+
+def preprocess(clips, cfg, generator, p_prompt=0.5):
+    """B Clips (same T, H, W and dataset) -> the teacher-forced batch of Alg. 2 (paper steps t = 1..T).
+
+    Instance i of sample b gets ids[b, i] (a distinct random row of the ID buffer B) and a switch time
+    t_i in 0..T: a detection target at steps t <= t_i where visible, tracked (a tracking target, painted
+    in the history) at steps t > t_i. Slots are padded to the batch's largest N with id -1."""
+    if not clips:
+        raise ValueError("preprocess: got an empty list of clips")
+    T, _, H, W = clips[0].frames.shape
+    for c in clips:
+        if c.frames.shape != clips[0].frames.shape or c.masks.shape[1:] != (T, H, W):
+            raise ValueError(f"preprocess: clip {c.name!r} has frames {tuple(c.frames.shape)} and masks "
+                             f"{tuple(c.masks.shape)}; every clip of a batch needs frames {(T, 3, H, W)}")
+        if c.dataset != clips[0].dataset:
+            raise ValueError(f"preprocess: one dataset per batch, got {c.dataset!r} and {clips[0].dataset!r}")
+    Bsz, N = len(clips), max(1, max(c.masks.shape[0] for c in clips))
+    if N > cfg.N_id:
+        raise ValueError(f"preprocess: a clip has {N} objects but the ID buffer holds N_id = {cfg.N_id}")
+    ids = torch.full((Bsz, N), -1, dtype=torch.long)  # (B, N) rows of B; -1 = padding slot
+    labels = torch.full((Bsz, N), -1, dtype=torch.long)  # (B, N)
+    y = torch.zeros(Bsz, N, T, H, W, dtype=torch.bool)  # (B, N, T, H, W) ground truth y_t^i
+    switch = torch.full((Bsz, N), T, dtype=torch.long)  # (B, N) t_i; T = never tracked
+    prompted = torch.zeros(Bsz, dtype=torch.bool)
+    for b, c in enumerate(clips):
+        n = c.masks.shape[0]
+        ids[b, :n] = torch.randperm(cfg.N_id, generator=generator)[:n]  # A = Sampler(B, N_gt)
+        labels[b, :n], y[b, :n] = c.labels, c.masks.bool()
+        prompted[b] = c.dataset in PROMPTED_DATASETS and bool(torch.rand(1, generator=generator) < p_prompt)
+        for i in range(n):
+            seen = c.masks[i].flatten(1).any(1).nonzero()[:, 0] + 1  # paper frames (1-based) where i is visible
+            if len(seen) == 0:
+                continue
+            switch[b, i] = seen[torch.randint(len(seen), (1,), generator=generator)]  # t_i ~ U(visible frames)
+            if prompted[b] and seen[0] == 1 and bool(torch.rand(1, generator=generator) < 0.5):
+                switch[b, i] = 0  # a prompt: y_1 painted on X_0
+    t = torch.arange(1, T + 1)  # paper step t
+    visible = y.flatten(3).any(3).transpose(1, 2)  # (B, T, N)
+    tracked = t[None, :, None] > switch[:, None, :]  # (B, T, N): i in A_{t-1} at step t
+    y_prev = torch.cat([y[:, :, :1], y[:, :, :-1]], dim=2)  # (B, N, T, H, W): y_{t-1}; y_1 at t = 1 (prompt)
+    history = (y_prev.transpose(1, 2) & tracked[..., None, None]).float()  # (B, T, N, H, W) = M_{t-1}
+    targets = F.avg_pool2d(y.transpose(1, 2).flatten(0, 2)[:, None].float(), 4)  # (B*T*N, 1, H/4, W/4)
+    return {"frames": torch.stack([c.frames for c in clips]),  # (B, T, 3, H, W)
+            "ids": ids, "history": history, "tracked": tracked, "labels": labels, "switch": switch,
+            "visible": visible, "det": visible & ~tracked,  # (B, T, N): detection targets
+            "targets": targets.view(Bsz, T, N, H // 4, W // 4),  # (B, T, N, H/4, W/4) soft masks
+            "prompted": prompted, "dataset": clips[0].dataset}
+
+
+def to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- losses (Sec. 2.3, Mask2Former)
+def _mask_costs(logits, tgt):
+    """logits (..., Q, hw), tgt (..., N, hw) -> pairwise sigmoid-BCE and Dice costs (..., Q, N)."""
+    hw = logits.shape[-1]
+    bce = (F.softplus(-logits) @ tgt.transpose(-1, -2) + F.softplus(logits) @ (1 - tgt).transpose(-1, -2)) / hw
+    s = logits.sigmoid()
+    dice = 1 - (2 * s @ tgt.transpose(-1, -2) + 1) / (s.sum(-1)[..., :, None] + tgt.sum(-1)[..., None, :] + 1)
+    return bce, dice
+
+
+def _set_loss(fg, cls, masks, tgt, w, fg_t, cls_t, pick, take, P):
+    """Weighted foreground/class CE over queries (w = 0 ignored, 0.1 no object, 1 object) and sigmoid BCE +
+    Dice over the (query, instance) pairs pick/take. Returns numerators and normalisers (per prediction)."""
+    ce = F.binary_cross_entropy_with_logits(fg, fg_t, reduction="none")  # (P, B, T, Q')
+    if cls is not None:  # the dataset's K+1-way head
+        ce = ce + F.cross_entropy(cls.flatten(0, 3), cls_t.flatten(), ignore_index=-100,
+                                  reduction="none").view_as(fg)
+    pred, gt = masks[pick].flatten(1), tgt[take].flatten(1)  # (M, hw)
+    bce = F.binary_cross_entropy_with_logits(pred, gt, reduction="none").mean(1)  # (M,)
+    s = pred.sigmoid()
+    dice = 1 - (2 * (s * gt).sum(1) + 1) / (s.sum(1) + gt.sum(1) + 1)  # (M,)
+    num = torch.stack([(ce * w).sum(), bce.sum(), dice.sum()])
+    den = torch.stack([w.sum() / P, torch.tensor(float(len(bce)) / P, device=w.device)])
+    return num, den
+
+
+def criterion(out, batch):
+    """L = L_trk + L_det summed over the P deep-supervision predictions -> (loss, parts of floats).
+
+    Under DDP the normalisers are summed over ranks (and the loss scaled by the world size) so that the
+    averaged gradients equal one process's on the combined batch."""
+    fg, masks = out["fg"].float(), out["masks"].float()  # (P, B, T, Q), (P, B, T, Q, h, w)
+    cls = out["cls"].float() if out.get("cls") is not None else None  # (P, B, T, Q, K+1)
+    P, Bsz, T, Q = fg.shape
+    N, dev = batch["ids"].shape[1], fg.device
+    tgt, vis, trk = batch["targets"].float(), batch["visible"], batch["tracked"]  # (B, T, N, h, w), (B, T, N)
+    K = cls.shape[-1] - 1 if cls is not None else 0
+    lab = batch["labels"][:, None, :].expand(Bsz, T, N)  # (B, T, N)
+    lab = torch.where(lab >= 0, lab, torch.full_like(lab, -100))
+    # L_trk: tracking query i <-> instance i (fixed); an absent tracked object is "no object", no mask loss
+    w = (trk * torch.where(vis, 1.0, NO_OBJECT_WEIGHT)).expand(P, -1, -1, -1)  # (P, B, T, N)
+    cls_t = torch.where(vis, lab, torch.full_like(lab, K)).expand(P, -1, -1, -1)  # (P, B, T, N)
+    b, t, n = (trk & vis).nonzero(as_tuple=True)
+    p = torch.arange(P, device=dev).repeat_interleave(len(b))
+    b, t, n = b.repeat(P), t.repeat(P), n.repeat(P)
+    num_trk, den_trk = _set_loss(fg[..., :N], cls[..., :N, :] if cls is not None else None, masks[:, :, :, :N],
+                                 tgt, w, vis.float().expand(P, -1, -1, -1), cls_t, (p, b, t, n), (b, t, n), P)
+    # L_det: Hungarian matching per (prediction, sample, frame) of detection queries to detection targets
+    with torch.no_grad():
+        bce_c, dice_c = _mask_costs(masks[:, :, :, N:].flatten(-2), tgt.flatten(-2)[None])  # (P, B, T, Nd, N)
+        cost = -fg[..., N:, None].sigmoid() * W_CLS + W_BCE * bce_c + W_DICE * dice_c  # (P, B, T, Nd, N)
+        if cls is not None:
+            prob = cls[..., N:, :].softmax(-1)  # (P, B, T, Nd, K+1)
+            idx = lab.clamp(min=0)[None, :, :, None, :].expand(P, -1, -1, Q - N, -1)  # (P, B, T, Nd, N)
+            cost = cost - W_CLS * prob.gather(-1, idx) * (lab >= 0)[None, :, :, None, :]
+        cost, det = cost.cpu().numpy(), batch["det"].cpu().numpy()
+    picks = [[], [], [], [], []]  # p, b, t, q, n
+    for pi, bi, ti in itertools.product(range(P), range(Bsz), range(T)):
+        cand = np.flatnonzero(det[bi, ti])
+        if len(cand):
+            r, c = hungarian(cost[pi, bi, ti][:, cand])
+            for lst, v in zip(picks, (pi, bi, ti, r, cand[c])):
+                lst.extend(np.broadcast_to(v, r.shape).tolist())
+    p, b, t, q, n = (torch.tensor(v, dtype=torch.long, device=dev) for v in picks)
+    w = torch.full((P, Bsz, T, Q - N), NO_OBJECT_WEIGHT, device=dev)  # (P, B, T, Nd)
+    fg_t, cls_t = torch.zeros_like(w), torch.full(w.shape, K, dtype=torch.long, device=dev)
+    w[p, b, t, q], fg_t[p, b, t, q], cls_t[p, b, t, q] = 1.0, 1.0, lab[b, t, n]
+    num_det, den_det = _set_loss(fg[..., N:], cls[..., N:, :] if cls is not None else None, masks[:, :, :, N:],
+                                 tgt, w, fg_t, cls_t, (p, b, t, q), (b, t, n), P)
+    den, scale = torch.cat([den_trk, den_det]), 1.0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(den)
+        scale = float(torch.distributed.get_world_size())
+    terms = scale * torch.cat([num_trk / den[[0, 1, 1]].clamp(min=1e-6), num_det / den[[2, 3, 3]].clamp(min=1e-6)])
+    terms = terms * torch.tensor([W_CLS, W_BCE, W_DICE] * 2, device=dev)  # (6,)
+    names = ("trk_cls", "trk_bce", "trk_dice", "det_cls", "det_bce", "det_dice")
+    return terms.sum(), dict(zip(names, terms.detach().tolist()))
+
