@@ -29,7 +29,6 @@ from PIL import Image
 
 def davis_j(pred, gt):
     """Region similarity J of one frame: |P and G| / |P or G|, 1 when both masks are empty."""
-    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
     union = np.logical_or(pred, gt).sum()
     return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
 
@@ -82,36 +81,33 @@ def davis_sequence(gt, pred, bound_th=0.008, name="sequence"):
     Scores frames 1..T-2 for objects 1..N, N = max id of the first ground-truth frame (255 = void,
     read as background). -> J, F: (N, T - 2) arrays."""
     gt, pred = np.asarray(gt), np.asarray(pred)
-    if gt.ndim != 3 or gt.shape != pred.shape:
-        raise ValueError(f"{name}: ground truth {gt.shape} and prediction {pred.shape} must both be (T, H, W)"
-                         " with the same number of frames and the same frame size")
-    if len(gt) < 3:
-        raise ValueError(f"{name}: {len(gt)} frames; the first and last are not scored, so at least 3 are needed")
-    gt = np.where(gt == 255, 0, gt)                 # (T, H, W)
-    n = int(gt[0].max())
-    gt, pred = gt[1:-1], pred[1:-1]                 # (T - 2, H, W)
-    if pred.size and int(pred.max()) > n:
-        raise ValueError(f"{name}: the prediction has object id {int(pred.max())} but the first ground-truth "
-                         f"frame has only ids up to {n}; predict only the prompted objects")
-    J = np.array([[davis_j(p == i, g == i) for p, g in zip(pred, gt)] for i in range(1, n + 1)])
-    F = np.array([[davis_f(p == i, g == i, bound_th) for p, g in zip(pred, gt)] for i in range(1, n + 1)])
-    return J.reshape(n, len(gt)), F.reshape(n, len(gt))   # (N, T - 2) each
+    if gt.ndim != 3 or gt.shape != pred.shape or len(gt) < 3:
+        raise ValueError(f"{name}: ground truth {gt.shape} and prediction {pred.shape} must both be (T, H, W), "
+                         "T >= 3 (the first and last frame are not scored), with the same frame size")
+    n = int(np.where(gt[0] == 255, 0, gt[0]).max())
+    gt, pred = np.where(gt[1:-1] == 255, 0, gt[1:-1]), pred[1:-1]  # (T - 2, H, W) each
+    if pred.size and pred.max() > n:
+        raise ValueError(f"{name}: the prediction has object id {pred.max()} but the first ground-truth frame "
+                         f"has only ids up to {n}; predict only the prompted objects")
+    J = [[davis_j(p == i, g == i) for p, g in zip(pred, gt)] for i in range(1, n + 1)]
+    F = [[davis_f(p == i, g == i, bound_th) for p, g in zip(pred, gt)] for i in range(1, n + 1)]
+    return np.reshape(J, (n, len(gt))), np.reshape(F, (n, len(gt)))  # (N, T - 2) each
 
 
 def davis_scores(sequences, bound_th=0.008):
     """J&F over sequences, an iterable of (name, gt, pred) with (T, H, W) id maps (one in memory at a time).
     -> {"objects": [(f"{name}_{i}", J_MRD, F_MRD), ...], "J&F-Mean", "J-Mean", "J-Recall", "J-Decay",
         "F-Mean", "F-Recall", "F-Decay"}; the global numbers are means over all objects of all sequences."""
-    objects = []
+    out = {"objects": []}
     for name, gt, pred in sequences:
         J, F = davis_sequence(gt, pred, bound_th, name)
-        objects += [(f"{name}_{i + 1}", davis_statistics(j), davis_statistics(f)) for i, (j, f) in enumerate(zip(J, F))]
-    if not objects:
+        out["objects"] += [(f"{name}_{i}", davis_statistics(j), davis_statistics(f))
+                           for i, (j, f) in enumerate(zip(J, F), 1)]
+    if not out["objects"]:
         raise ValueError("no objects to score: the first ground-truth frame of every sequence is empty")
-    out = {"objects": objects}
-    jm, fm = np.array([o[1] for o in objects]), np.array([o[2] for o in objects])   # (objects, 3) each
-    for k, stat in enumerate(("Mean", "Recall", "Decay")):
-        out[f"J-{stat}"], out[f"F-{stat}"] = float(np.mean(jm[:, k])), float(np.mean(fm[:, k]))
+    for m in (1, 2):                                 # 1: J, 2: F; each (objects, 3) = Mean, Recall, Decay
+        s = np.mean([o[m] for o in out["objects"]], axis=0)
+        out.update({f"{'JF'[m - 1]}-{k}": float(v) for k, v in zip(("Mean", "Recall", "Decay"), s)})
     out["J&F-Mean"] = (out["J-Mean"] + out["F-Mean"]) / 2
     return out
 
@@ -232,7 +228,8 @@ def ytvis_ap(gt_dataset, results):
 
     def mean(s):
         return float(np.mean(s[s > -1])) if (s > -1).any() else -1.0
-    out = {"AP": mean(precision[..., 0, 2]), "AP50": mean(precision[0, ..., 0, 2]), "AP75": mean(precision[5, ..., 0, 2])}
+    out = {"AP": mean(precision[..., 0, 2]), "AP50": mean(precision[0, ..., 0, 2]),  # IOU_THRS[0] = 0.5
+           "AP75": mean(precision[5, ..., 0, 2])}                                          # IOU_THRS[5] = 0.75
     out.update({f"AP{s}": mean(precision[..., a, 2]) for a, s in enumerate("sml", 1)})
     out.update({f"AR{md}": mean(recall[..., 0, m]) for m, md in enumerate(MAX_DETS)})
     out.update({f"AR{s}": mean(recall[..., a, 2]) for a, s in enumerate("sml", 1)})
