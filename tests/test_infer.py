@@ -98,15 +98,53 @@ def write_palette(path, ids):
     img.save(path)
 
 
-def test_cli_davis_on_palette_folders(tmp_path, capsys):
+def test_cli_davis_on_palette_folders_matches_golden(tmp_path, capsys):
     golden = load_golden("davis_jf_golden.json")
-    for q in golden["sequences"][:3]:
+    for q in golden["sequences"]:
         for t, (g, p) in enumerate(zip(davis_labels(q, "gt"), davis_labels(q, "pred"))):
             write_palette(tmp_path / "gt" / q["name"] / f"{t:05d}.png", g)
-            write_palette(tmp_path / "pred" / q["name"] / f"{t:05d}.png", p)
+            if 0 < t < q["T"] - 1:                              # first and last frame are not needed
+                write_palette(tmp_path / "pred" / q["name"] / f"{t:05d}.png", p)
     s = infer.main(["--eval", "davis", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")])
     out = capsys.readouterr().out
-    assert "Global" in out and "small_a_1" in out
-    direct = infer.davis_scores((q["name"], davis_labels(q, "gt"), davis_labels(q, "pred"))
-                                for q in sorted(golden["sequences"][:3], key=lambda q: q["name"]))
-    assert s["J&F-Mean"] == pytest.approx(direct["J&F-Mean"], abs=1e-12)
+    assert "Global" in out and "small_a_2" in out and "big_480x854_rects_1" in out
+    for k, v in golden["global"].items():
+        assert s[k] == pytest.approx(v, abs=1e-6), k
+    assert f"{golden['global']['J&F-Mean']:.4f}" in out.splitlines()[-1]
+
+
+def test_cli_ytvis_matches_golden(tmp_path, capsys):
+    case = YTVIS["cases"][1]
+    (tmp_path / "gt.json").write_text(json.dumps(case["gt"]))
+    (tmp_path / "results.json").write_text(json.dumps(case["results"]))
+    s = infer.main(["--eval", "ytvis", "--pred", str(tmp_path / "results.json"), "--gt", str(tmp_path / "gt.json")])
+    out = capsys.readouterr().out
+    for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10"):
+        assert s[k] == pytest.approx(case["stats"][k], abs=1e-6) and f"{k} " in out
+
+
+def test_rle_examples_from_evaluation_md():
+    box = np.zeros((4, 5), bool)
+    box[1:3, 1:4] = True
+    np.testing.assert_array_equal(infer._decode({"size": [4, 5], "counts": "5220003"}), box)
+    np.testing.assert_array_equal(infer._decode({"size": [4, 5], "counts": [5, 2, 2, 2, 2, 2, 5]}), box)
+    assert not infer._decode({"size": [3, 4], "counts": "<"}).any()
+    assert infer._decode({"size": [3, 4], "counts": "0<"}).all()
+
+
+def test_bad_input_is_explained(tmp_path):
+    gt = np.zeros((4, 8, 8), np.uint8)
+    gt[:, 2:5, 2:5] = 1
+    with pytest.raises(ValueError, match="object id 2"):
+        infer.davis_sequence(gt, gt * 2, name="seq")
+    with pytest.raises(ValueError, match="T >= 3"):
+        infer.davis_sequence(gt[:2], gt[:2])
+    (tmp_path / "pred" / "seq").mkdir(parents=True)
+    for t in range(4):
+        write_palette(tmp_path / "gt" / "seq" / f"{t:05d}.png", gt[t])
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "pred" / "seq" / "00001.png")   # RGB
+    with pytest.raises(SystemExit, match="palette"):
+        infer.main(["--eval", "davis", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")])
+    with pytest.raises(SystemExit, match="00002.png"):
+        write_palette(tmp_path / "pred" / "seq" / "00001.png", gt[1])
+        infer.main(["--eval", "davis", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")])
