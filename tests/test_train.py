@@ -226,3 +226,32 @@ def test_criterion_detection_order_does_not_matter_and_deep_supervision_sums():
     perm = torch.cat([torch.tensor([1, 0]), torch.arange(2, N + 5)])
     loss_trk_swapped, _ = train.criterion({k: v[:, :, :, perm] for k, v in out.items()}, batch)
     assert abs(loss_trk_swapped.item() - loss.item()) > 1e-3
+
+
+# ----------------------------------------------------------------------------- the model, both forms
+def small_cfg(**kw):
+    import ausm
+    base = dict(image_size=32, D=32, N_det=6, N_id=16, L_c=1, L_h=1, L_p=2, heads=2, ffn=64, width=16)
+    base.update(kw)
+    return ausm.Config.tiny(**base)
+
+
+def test_parallel_and_iterative_give_the_same_loss_and_gradients():
+    import ausm
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    model = ausm.AUSM(cfg)
+    g = torch.Generator().manual_seed(4)
+    batch = train.preprocess([random_clip(g, n, T=4, H=32, W=32) for n in (2, 3)], cfg, g)
+    assert batch["tracked"].any() and batch["det"].any()
+    grads, losses = [], []
+    for iterative in (False, True):
+        model.zero_grad()
+        loss, _ = train.criterion(train.forward(model, batch, iterative), batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and "X_0" in grads[1] and "B" in grads[1]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6, msg=k)
