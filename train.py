@@ -1,27 +1,20 @@
 """Training AUSM: teacher-forced parallel training over time (paper Sec. 2.3, Alg. 2; Sec. 3 details).
 
-Read beside the paper. One iteration:
-  preprocess  every ground-truth instance i gets one ID vector (a distinct random row of B) and a switch
-              time t_i: a detection target at frames t <= t_i, a tracking target after; its ground-truth
-              mask enters the history from t_i on (the History Marker paints it at step t_i + 1).
-  model       all T frames at once: one selective scan over time in the History Compressor (parallel form).
-  criterion   L = L_trk + L_det, Mask2Former losses with deep supervision over every decoder layer:
-              L_trk with the fixed ID <-> instance mapping, L_det with Hungarian matching per frame.
-Stages (Sec. 3): 1) 3-frame pseudo-videos of still scenes, 2) 5-frame videos from the stage-1 weights,
-3) 16-frame videos with the image backbone frozen. `--iterative` trains the same model frame by frame
-through model.step (the SAM2-style baseline of Fig. 4); `--benchmark` times both forms (Fig. 4).
-
-What differs from the paper (see ../shared/AUSM.md, [D] = our decision):
-  - t_i is uniform over the frames where i is visible; prompted samples (class-agnostic VOS datasets and
-    synthetic, a clip is prompted with prob. 0.5) give t_i = 0 with prob. 0.5 to objects visible in frame 1:
-    their frame-1 mask is painted on X_0 (history[:, 0]).
-  - Losses on the full stride-4 mask (no point sampling); targets area-downsampled to H/4 (soft values);
-    one foreground logit for every dataset plus the dataset's class head where it has classes.
-  - Loss normalisers (weighted query counts, number of masks) are summed over DDP ranks, so N ranks give
-    exactly the gradients of one process on the combined batch.
-  - Tiny preset: small model from scratch, higher lr, short schedule; the paper preset keeps lr 1e-4,
-    batch 16, 147.5k / 32k / 40k iterations (we cannot load COCO Mask2Former weights).
-  - --resume replays the data stream up to the saved step (exact, simple; slow for huge step counts).
+One iteration: `preprocess` gives every ground-truth instance i one ID vector (a distinct random row of B)
+and a switch time t_i: a detection target at frames t <= t_i, a tracking target after, its ground-truth
+mask in the history from t_i on. The model runs all T frames at once (one selective scan over time).
+`criterion`: L = L_trk (fixed ID <-> instance mapping) + L_det (Hungarian matching per frame), Mask2Former
+losses with deep supervision. Stages (Sec. 3): 1) 3-frame pseudo-videos of stills, 2) 5-frame videos,
+3) 16 frames, backbone frozen. `--iterative` trains frame by frame through model.step (the SAM2-style
+baseline); `--benchmark` times both forms (Fig. 4).
+What differs ([D] = our decision in ../shared/AUSM.md):
+  - [D] t_i uniform over the frames where i is visible; prompted clips (VOS datasets and synthetic, p 0.5)
+    give t_i = 0 with prob. 0.5 to objects visible in frame 1 (y_1 painted on X_0).
+  - Losses on the full stride-4 mask (no point sampling), targets area-downsampled to H/4 (soft); one
+    foreground logit for every dataset plus the dataset's class head where it has classes.
+  - Loss normalisers are summed over DDP ranks: N ranks give one process's gradients on the combined batch.
+  - Tiny preset: small model from scratch, higher lr, short schedule (no COCO Mask2Former weights here).
+  - Data and switch times restart from step-derived seeds at each checkpoint, so --resume is exact.
 Left out: the VITA-style augmentation (data.py makes the clips), mixed-dataset batches (one dataset
 per batch), Mask2Former's point sampling and backbone lr multiplier.
 """
@@ -46,8 +39,7 @@ STAGE_FRAMES = {1: 3, 2: 5, 3: 16}
 
 # ----------------------------------------------------------------------------- Hungarian matching
 def hungarian(cost):
-    """Minimum-cost assignment (what scipy's linear_sum_assignment does), shortest augmenting paths, O(n^2 m).
-
+    """Minimum-cost assignment like scipy's linear_sum_assignment (shortest augmenting paths, O(n^2 m)).
     cost (n, m) -> (rows, cols): min(n, m) pairs, rows ascending, each row and each column used once."""
     C = np.asarray(cost, dtype=np.float64)
     if C.ndim != 2:
@@ -63,32 +55,25 @@ def hungarian(cost):
     way = np.zeros(m + 1, dtype=np.int64)  # previous column on the shortest path
     for i in range(1, n + 1):  # add row i, find a shortest augmenting path from it
         p[0], j0 = i, 0
-        minv = np.full(m + 1, np.inf)
-        used = np.zeros(m + 1, dtype=bool)
+        minv, used = np.full(m + 1, np.inf), np.zeros(m + 1, dtype=bool)
         while True:
-            used[j0] = True
-            i0 = p[j0]
+            used[j0], i0 = True, p[j0]
             cur = C[i0 - 1] - u[i0] - v[1:]  # (m,) reduced costs from row i0
             better = ~used[1:] & (cur < minv[1:])
             minv[1:][better] = cur[better]
             way[1:][better] = j0
             free = np.flatnonzero(~used[1:]) + 1
             j1 = free[np.argmin(minv[free])]
-            delta = minv[j1]
+            delta, j0 = minv[j1], j1
             u[p[used]] += delta  # keep the reduced costs of the tree's edges at zero
             v[used] -= delta
             minv[~used] -= delta
-            j0 = j1
             if p[j0] == 0:  # reached a free column: augment
                 break
-        while j0:
-            j1 = way[j0]
-            p[j0] = p[j1]
-            j0 = j1
-    cols = np.flatnonzero(p[1:]) # matched columns (0-based)
-    rows = p[1:][cols] - 1
-    if transposed:
-        rows, cols = cols, rows
+        while j0:  # flip the path's edges
+            p[j0], j0 = p[way[j0]], way[j0]
+    cols = np.flatnonzero(p[1:])  # matched columns (0-based)
+    rows, cols = (p[1:][cols] - 1, cols) if not transposed else (cols, p[1:][cols] - 1)
     order = np.argsort(rows)
     return rows[order], cols[order]
 
@@ -115,8 +100,7 @@ def preprocess(clips, cfg, generator, p_prompt=0.5):
     Bsz, N = len(clips), max(1, max(c.masks.shape[0] for c in clips))
     if N > cfg.N_id:
         raise ValueError(f"preprocess: a clip has {N} objects but the ID buffer holds N_id = {cfg.N_id}")
-    ids = torch.full((Bsz, N), -1, dtype=torch.long)  # (B, N) rows of B; -1 = padding slot
-    labels = torch.full((Bsz, N), -1, dtype=torch.long)  # (B, N)
+    ids, labels = torch.full((2, Bsz, N), -1, dtype=torch.long)  # (B, N) each: rows of B (-1 = padding), classes
     y = torch.zeros(Bsz, N, T, H, W, dtype=torch.bool)  # (B, N, T, H, W) ground truth y_t^i
     switch = torch.full((Bsz, N), T, dtype=torch.long)  # (B, N) t_i; T = never tracked
     prompted = torch.zeros(Bsz, dtype=torch.bool)
@@ -150,15 +134,6 @@ def to_device(batch, device):
 
 
 # ----------------------------------------------------------------------------- losses (Sec. 2.3, Mask2Former)
-def _mask_costs(logits, tgt):
-    """logits (..., Q, hw), tgt (..., N, hw) -> pairwise sigmoid-BCE and Dice costs (..., Q, N)."""
-    hw = logits.shape[-1]
-    bce = (F.softplus(-logits) @ tgt.transpose(-1, -2) + F.softplus(logits) @ (1 - tgt).transpose(-1, -2)) / hw
-    s = logits.sigmoid()
-    dice = 1 - (2 * s @ tgt.transpose(-1, -2) + 1) / (s.sum(-1)[..., :, None] + tgt.sum(-1)[..., None, :] + 1)
-    return bce, dice
-
-
 def _set_loss(fg, cls, masks, tgt, w, fg_t, cls_t, pick, take, P):
     """Weighted foreground/class CE over queries (w = 0 ignored, 0.1 no object, 1 object) and sigmoid BCE +
     Dice over the (query, instance) pairs pick/take. Returns numerators and normalisers (per prediction)."""
@@ -198,8 +173,10 @@ def criterion(out, batch):
                                  tgt, w, vis.float().expand(P, -1, -1, -1), cls_t, (p, b, t, n), (b, t, n), P)
     # L_det: Hungarian matching per (prediction, sample, frame) of detection queries to detection targets
     with torch.no_grad():
-        bce_c, dice_c = _mask_costs(masks[:, :, :, N:].flatten(-2), tgt.flatten(-2)[None])  # (P, B, T, Nd, N)
-        cost = -fg[..., N:, None].sigmoid() * W_CLS + W_BCE * bce_c + W_DICE * dice_c  # (P, B, T, Nd, N)
+        x, g = masks[:, :, :, N:].flatten(-2), tgt.flatten(-2)[None].transpose(-1, -2)  # (P,B,T,Nd,hw), (1,B,T,hw,N)
+        bce = (F.softplus(-x) @ g + F.softplus(x) @ (1 - g)) / x.shape[-1]  # (P, B, T, Nd, N) pairwise
+        dice = 1 - (2 * x.sigmoid() @ g + 1) / (x.sigmoid().sum(-1)[..., None] + g.sum(-2)[..., None, :] + 1)
+        cost = -fg[..., N:, None].sigmoid() * W_CLS + W_BCE * bce + W_DICE * dice  # (P, B, T, Nd, N)
         if cls is not None:
             prob = cls[..., N:, :].softmax(-1)  # (P, B, T, Nd, K+1)
             idx = lab.clamp(min=0)[None, :, :, None, :].expand(P, -1, -1, Q - N, -1)  # (P, B, T, Nd, N)
@@ -226,7 +203,6 @@ def criterion(out, batch):
     terms = terms * torch.tensor([W_CLS, W_BCE, W_DICE] * 2, device=dev)  # (6,)
     names = ("trk_cls", "trk_bce", "trk_dice", "det_cls", "det_bce", "det_dice")
     return terms.sum(), dict(zip(names, terms.detach().tolist()))
-
 
 
 # ----------------------------------------------------------------------------- both forms of the model
@@ -264,8 +240,7 @@ def forward(model, batch, iterative=False):
 def train_step(model, opt, batch, iterative=False, clip=1.0):
     """One iteration: forward (bf16 autocast on CUDA), criterion in fp32, backward, AdamW step.
     Returns (loss averaged over ranks, parts), or (non-finite loss, parts) without stepping."""
-    cuda = batch["frames"].is_cuda
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["frames"].is_cuda):
         out = forward(model, batch, iterative)
     loss, parts = criterion(out, batch)
     total = loss.detach().clone()
@@ -279,3 +254,192 @@ def train_step(model, opt, batch, iterative=False, clip=1.0):
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
     opt.step()
     return total.item(), parts
+
+
+# ----------------------------------------------------------------------------- checkpoints, schedule, evaluation
+def save_checkpoint(path, model, opt, step, cfg, args):
+    """Model, optimizer, step, config, RNG states; written to a temp file, then renamed (atomic)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "optimizer": opt.state_dict(),
+                "step": step, "stage": args.stage, "args": vars(args), "rng": rng}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found: train the previous stage first "
+                                f"(python train.py --stage 1) or pass --init / --out with an existing one")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def lr_at(step, args):
+    """Linear warm-up over the first 5% of iterations, then cosine decay to 10% of --lr."""
+    warm = max(1, args.max_iters // 20)
+    cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, args.max_iters - warm)))
+    return args.lr * (step / warm if step <= warm else cosine)
+
+
+def evaluate(model, cfg, out_dir=None):
+    """End-of-run evaluation (issue 7): infer.py's Segmenter on data.heldout("synthetic"), prompted J&F
+    (DAVIS protocol) and unprompted video AP (YouTube-VIS protocol). Returns a dict of scores, or None."""
+    import infer
+    if not hasattr(infer, "Segmenter") or not hasattr(infer, "evaluate_heldout"):
+        print("evaluation skipped: infer.py has no Segmenter / evaluate_heldout yet")
+        return None
+    scores = infer.evaluate_heldout(model, cfg)  # EXERCISE: wire in once infer.py lands (issue 7)
+    print("heldout synthetic | " + " | ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    return scores
+
+
+# ----------------------------------------------------------------------------- the command line
+PRESETS = {"tiny": dict(batch_size=4, lr=1e-3, iters={1: 400, 2: 400, 3: 200}, time_limit=13.0),
+           "paper": dict(batch_size=16, lr=1e-4, iters={1: 147_500, 2: 32_000, 3: 40_000}, time_limit=0.0)}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Train AUSM (Alg. 2, teacher-forced parallel training).")
+    ap.add_argument("--stage", type=int, default=1, choices=(1, 2, 3), help="1: 3-frame pseudo-videos of stills; "
+                    "2: 5-frame videos from stage 1's checkpoint; 3: 16 frames, backbone frozen, from stage 2's")
+    ap.add_argument("--preset", default="tiny", choices=tuple(PRESETS),
+                    help="model size and schedule: tiny (CPU, minutes) or paper (Sec. 3.1 sizes, lr 1e-4, batch 16)")
+    ap.add_argument("--data", default="synthetic", help="dataset spec for data.train_stream: synthetic, davis:DIR, "
+                    "mose:DIR, ytvos:DIR, coco:JSON:IMGDIR, ytvis19:JSON:IMGDIR, ytvis21:..., ovis:...")
+    ap.add_argument("--frames", type=int, help="frames per clip T (default 3 / 5 / 16 for stages 1 / 2 / 3)")
+    ap.add_argument("--size", type=int, help="frame size H = W, a multiple of 8 (default: the preset's image_size)")
+    ap.add_argument("--batch-size", type=int, help="clips per iteration per process (default: preset's)")
+    ap.add_argument("--max-iters", type=int, help="training iterations (default: preset's, per stage)")
+    ap.add_argument("--lr", type=float, help="AdamW peak learning rate (default: preset's); warm-up then cosine")
+    ap.add_argument("--out", help="folder for ckpt.pt and eval.json (default runs/stage<N>)")
+    ap.add_argument("--init", help="weights to start from (default for stages 2/3: runs/stage<N-1>/ckpt.pt)")
+    ap.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt: model, optimizer, step, RNG")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    ap.add_argument("--iterative", action="store_true", help="train frame by frame through model.step (SAM2-style)")
+    ap.add_argument("--benchmark", action="store_true", help="time both forms at T = 1..16 (paper Fig. 4) and exit")
+    ap.add_argument("--log-every", type=int, default=10, help="iterations per log line")
+    ap.add_argument("--ckpt-every", type=int, default=100, help="iterations between checkpoints")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the model init, the data and the switch times")
+    ap.add_argument("--time-limit", type=float, help="stop and save after this many minutes (0 = never; default: "
+                    "13 for tiny, 0 for paper)")
+    ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
+    ap.add_argument("--bench-iters", type=int, default=2, help="--benchmark: timed iterations per form and T")
+    args = ap.parse_args(argv)
+    pre = PRESETS[args.preset]
+    args.frames = args.frames or STAGE_FRAMES[args.stage]
+    args.batch_size = args.batch_size or (2 if args.benchmark else pre["batch_size"])
+    args.max_iters = args.max_iters or pre["iters"][args.stage]
+    args.lr = args.lr or pre["lr"]
+    args.time_limit = pre["time_limit"] if args.time_limit is None else args.time_limit
+    args.out = args.out or f"runs/stage{args.stage}"
+    if args.init is None and args.stage > 1 and not args.resume and not args.benchmark:
+        args.init = f"runs/stage{args.stage - 1}/ckpt.pt"
+    return args
+
+
+def data_from(args, step, rank, world):
+    """The data stream and the switch-time generator restart from seeds derived from the step at every
+    checkpoint, so a resumed run sees exactly what an uninterrupted one does (without replaying the stream)."""
+    import data
+    seed = args.seed * 1_000_003 + step
+    return (data.train_stream(args.data, stage=args.stage, T=args.frames, size=args.size, seed=seed, rank=rank,
+                              world=world), torch.Generator().manual_seed(seed * 1000 + rank))
+
+
+def main(argv=None, **overrides):
+    """Train (or --benchmark). overrides: Config fields for a fresh model (tests use tiny shapes)."""
+    args = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if dev == "cuda" and world > 1 else dev)
+    if world > 1:
+        if args.iterative or args.benchmark:
+            raise ValueError("--iterative and --benchmark run in one process; launch without torchrun")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(args.seed)
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    ck = load_checkpoint(ckpt if args.resume else args.init) if args.resume or args.init else None
+    resume = ck if args.resume else None
+    preset = ausm.Config.tiny if args.preset == "tiny" else ausm.Config.paper
+    cfg = ausm.Config(**ck["config"]) if ck else preset(**overrides)
+    args.size = args.size or cfg.image_size
+    model = ausm.AUSM(cfg).to(device)
+    if ck:
+        model.load_state_dict(ck["model"])
+    if args.stage == 3:  # only temporal modules and heads train (Sec. 3)
+        model.backbone.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
+    step = resume["step"] if resume else 0
+    if resume:  # (the data and the switch times restart from `step`, see data_from)
+        opt.load_state_dict(resume["optimizer"]), torch.set_rng_state(resume["rng"]["torch"])
+    if rank == 0:
+        path = kernels.SCAN_PATH if kernels.SCAN_PATH != "auto" else ("triton" if device.type == "cuda" else "torch")
+        print(f"device {device} ({'bf16 autocast' if device.type == 'cuda' else 'float32'}) x {world} | AUSM "
+              f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+              f"({sum(p.numel() for p in params) / 1e6:.2f}M trained) | scan path: {path} | stage {args.stage}, "
+              f"T={args.frames}, {args.size}x{args.size}, batch {args.batch_size}x{world}, from "
+              f"{'step %d of %s' % (step, args.out) if resume else args.init or 'scratch'}", flush=True)
+    if args.benchmark:
+        return benchmark(model, opt, cfg, args, device)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    (stream, gen), sums, n, t_start, t_log = data_from(args, step, rank, world), {}, 0, time.time(), time.time()
+    while step < args.max_iters:
+        batch = to_device(preprocess([next(stream) for _ in range(args.batch_size)], cfg, gen), device)
+        step += 1
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss, parts = train_step(model if args.iterative else net, opt, batch, args.iterative)
+        if not math.isfinite(loss):
+            good = f"{ckpt} (step {load_checkpoint(ckpt)['step']})" if os.path.exists(ckpt) else "none written yet"
+            print(f"step {step}: loss is {loss}; stopping. Last good checkpoint: {good}. Try a lower --lr.", flush=True)
+            return 1
+        sums, n = {k: sums.get(k, 0.0) + v for k, v in {"loss": loss, **parts}.items()}, n + 1
+        out_of_time = torch.tensor(float(args.time_limit > 0 and time.time() - t_start > 60 * args.time_limit))
+        if world > 1:  # every rank stops at the same step
+            torch.distributed.all_reduce(out_of_time, torch.distributed.ReduceOp.MAX)
+        if step % args.log_every == 0 or step == args.max_iters or out_of_time:
+            dt = time.time() - t_log
+            if rank == 0:
+                print(f"step {step:6d} | " + " ".join(f"{k} {v / n:7.4f}" for k, v in sums.items()) +
+                      f" | lr {lr_at(step, args):.2e} | {1000 * dt / n:6.0f} ms/iter | "
+                      f"{n * args.batch_size * world * args.frames / dt:6.1f} frames/s", flush=True)
+            sums, n, t_log = {}, 0, time.time()
+        if step % args.ckpt_every == 0 or step == args.max_iters or out_of_time:
+            if rank == 0:
+                save_checkpoint(ckpt, model, opt, step, cfg, args)
+            stream, gen = data_from(args, step, rank, world)
+        if out_of_time and rank == 0:
+            print(f"time limit of {args.time_limit} min reached at step {step}; checkpoint saved", flush=True)
+        if out_of_time:
+            break
+    if rank == 0 and not args.no_eval:
+        evaluate(model.eval(), cfg, args.out)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def benchmark(model, opt, cfg, args, device):
+    """Paper Fig. 4: seconds per full training iteration (forward, backward, AdamW step) of the iterative
+    (frame-by-frame) and the parallel form at T = 1, 2, 4, 8, 16 on the same batch, after one warm-up."""
+    import data
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    print(f"batch {args.batch_size}, {args.size}x{args.size}, {args.bench_iters} timed iterations each\n"
+          "T | iterative s/iter | parallel s/iter | speedup", flush=True)
+    for T in (1, 2, 4, 8, 16):
+        stream, gen = data.train_stream(args.data, 2, T, args.size, args.seed), torch.Generator().manual_seed(T)
+        batch = to_device(preprocess([next(stream) for _ in range(args.batch_size)], cfg, gen), device)
+        sec = []
+        for iterative in (True, False):
+            for i in range(args.bench_iters + 1):  # the first is the warm-up
+                if i == 1:
+                    sync(), (t0 := time.time())
+                train_step(model, opt, batch, iterative)
+            sync()
+            sec.append((time.time() - t0) / args.bench_iters)
+        print(f"{T} | {sec[0]:.3f} | {sec[1]:.3f} | {sec[0] / sec[1]:.2f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
