@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from data import polygons_to_mask, read_palette_png, rle_decode
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ def davis_statistics(values):
     """Mean, Recall (share of frames > 0.5) and Decay (first quarter minus last) of per-frame scores.
     The quarters are davis2017's db_statistics bins (they share their end frames)."""
     v = np.asarray(values, float)
-    ids = (np.round(np.linspace(1, len(v), 5) + 1e-10) - 1).astype(int)
+    ids = (np.round(np.linspace(1, len(v), 5) + 1e-10) - 1).astype(int)   # davis2017: uint8, wraps past 256
     bins = [v[ids[i]:ids[i + 1] + 1] for i in range(4)]
     return float(np.mean(v)), float(np.mean(v > 0.5)), float(np.mean(bins[0]) - np.mean(bins[3]))
 
@@ -112,25 +113,11 @@ def davis_scores(sequences, bound_th=0.008):
     return out
 
 
-def _decode(seg):
-    """COCO RLE (compressed string or list counts; see EVALUATION.md) -> bool (h, w); None stays None."""
-    if seg is None:
+def _decode(seg, h=None, w=None):
+    """A per-frame segmentation (RLE, compressed or not; polygons need the frame size h, w) -> bool (h, w)."""
+    if seg is None:                                 # the instance is absent from this frame
         return None
-    if not isinstance(seg, dict):
-        raise ValueError("polygon segmentations are not supported by ytvis_ap; convert them to RLE first")
-    (h, w), counts = seg["size"], seg["counts"]
-    if isinstance(counts, str):                     # 5 bits a char, low first; from the 4th on, deltas
-        counts, chars, p = [], counts.encode(), 0
-        while p < len(chars):
-            x, k, more = 0, 0, True
-            while more:
-                c = chars[p] - 48
-                x, more, p, k = x | (c & 0x1F) << (5 * k), c & 0x20, p + 1, k + 1
-            x |= -1 << (5 * k) if c & 0x10 else 0   # sign bit of the last character
-            counts.append(x + (counts[-2] if len(counts) > 2 else 0))
-    if sum(counts) != h * w:
-        raise ValueError(f"RLE counts sum to {sum(counts)} but its size {h} x {w} needs {h * w}")
-    return np.repeat(np.arange(len(counts)) % 2 == 1, counts).reshape(w, h).T   # column-major -> (h, w)
+    return (rle_decode(seg) if isinstance(seg, dict) else polygons_to_mask(seg, h, w)) > 0
 
 
 def _video_iou(d, g):
@@ -149,11 +136,11 @@ IOU_THRS, REC_THRS, MAX_DETS = np.linspace(0.5, 0.95, 10), np.linspace(0.0, 1.0,
 AREA_RNGS = ((0, 1e10), (0, 128 ** 2), (128 ** 2, 256 ** 2), (256 ** 2, 1e10))   # all, small, medium, large
 
 
-def _instances(anns, is_gt):
+def _instances(anns, is_gt, sizes):
     """Group annotations (or results) by (video, category), masks decoded, mean non-zero area over frames."""
     out = {}
     for n, a in enumerate(anns):
-        m = [_decode(s) for s in a["segmentations"]]
+        m = [_decode(s, *sizes[a["video_id"]]) for s in a["segmentations"]]
         areas = [x for x in ((is_gt and a.get("areas")) or [None if x is None else x.sum() for x in m]) if x]
         out.setdefault((a["video_id"], a["category_id"]), []).append(dict(
             id=a["id"] if is_gt else n + 1, masks=m, area=float(np.mean(areas)) if areas else 0.0,
@@ -208,11 +195,12 @@ def ytvis_ap(gt_dataset, results):
     """Video AP/AR as the YouTube-VIS cocoapi fork computes it (ytvoseval.py, segm, per category).
     gt_dataset: the parsed annotations JSON; results: the parsed predictions list.
     -> {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}; -1 where there was nothing to score."""
-    vids, cats = sorted(v["id"] for v in gt_dataset["videos"]), sorted(c["id"] for c in gt_dataset["categories"])
-    bad = [r["video_id"] for r in results if r["video_id"] not in vids]
+    sizes = {v["id"]: (v["height"], v["width"]) for v in gt_dataset["videos"]}
+    vids, cats = sorted(sizes), sorted(c["id"] for c in gt_dataset["categories"])
+    bad = [r["video_id"] for r in results if r["video_id"] not in sizes]
     if bad:
         raise ValueError(f"results for video_id {bad[0]}, which is not in the ground truth")
-    gts, dts = _instances(gt_dataset["annotations"], True), _instances(results, False)
+    gts, dts = _instances(gt_dataset["annotations"], True, sizes), _instances(results, False, sizes)
     precision = -np.ones((len(IOU_THRS), len(REC_THRS), len(cats), len(AREA_RNGS), len(MAX_DETS)))  # -1: none
     recall = -np.ones((len(IOU_THRS), len(cats), len(AREA_RNGS), len(MAX_DETS)))
     for k, cat in enumerate(cats):
@@ -240,14 +228,6 @@ def ytvis_ap(gt_dataset, results):
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
-def _read_ids(path):
-    """A DAVIS/YouTube-VOS palette PNG -> uint8 (H, W) object ids."""
-    img = Image.open(path)
-    if img.mode not in ("P", "L"):
-        raise ValueError(f"{path} is a mode {img.mode} image; masks must be palette ('P') PNGs of object ids")
-    return np.array(img)                            # (H, W)
-
-
 def _davis_folders(pred_dir, gt_dir):
     """Yield (name, gt, pred) for each <sequence> folder of pred_dir, gt from gt_dir/<sequence>/*.png.
     As in davis2017-evaluation only the scored frames (all but the first and last) need a prediction."""
@@ -258,12 +238,10 @@ def _davis_folders(pred_dir, gt_dir):
         files = sorted((Path(gt_dir) / seq).glob("*.png"))
         if not files:
             raise FileNotFoundError(f"no ground truth for sequence {seq}: {Path(gt_dir) / seq} has no PNGs")
-        gt = np.stack([_read_ids(f) for f in files])    # (T, H, W)
+        gt = np.stack([read_palette_png(f) for f in files])    # (T, H, W)
         pred = np.zeros_like(gt)                        # (T, H, W); first and last frame stay unscored zeros
         for t, f in enumerate(files[1:-1], 1):
-            if not (Path(pred_dir) / seq / f.name).exists():
-                raise FileNotFoundError(f"missing prediction {Path(pred_dir) / seq / f.name} for ground truth {f}")
-            pred[t] = _read_ids(Path(pred_dir) / seq / f.name)
+            pred[t] = read_palette_png(Path(pred_dir) / seq / f.name)
         yield seq, gt, pred
 
 

@@ -132,6 +132,16 @@ def test_rle_examples_from_evaluation_md():
     assert infer._decode({"size": [3, 4], "counts": "0<"}).all()
 
 
+def test_ytvis_polygon_ground_truth_scores_one():
+    # EVALUATION.md: the polygon [0,0, 4,0, 4,4, 0,4] fills pixels 0..3 on both axes; the same square as RLE
+    square = {"size": [8, 8], "counts": [0, 4, 4, 4, 4, 4, 4, 4, 36]}
+    gt = {"videos": [{"id": 1, "height": 8, "width": 8, "length": 2}], "categories": [{"id": 1}],
+          "annotations": [{"id": 1, "video_id": 1, "category_id": 1, "iscrowd": 0,
+                           "segmentations": [[[0, 0, 4, 0, 4, 4, 0, 4]], None]}]}
+    s = infer.ytvis_ap(gt, [{"video_id": 1, "category_id": 1, "score": 0.9, "segmentations": [square, None]}])
+    assert s["AP"] == pytest.approx(1.0) and s["APs"] == pytest.approx(1.0) and s["APl"] == -1
+
+
 def test_bad_input_is_explained(tmp_path):
     gt = np.zeros((4, 8, 8), np.uint8)
     gt[:, 2:5, 2:5] = 1
