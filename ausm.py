@@ -187,9 +187,15 @@ class Mamba(nn.Module):
         x = F.silu((conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (b, di)
         dt, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], -1)  # (b, r), (b, N)
         dt = F.linear(dt, self.dt_proj.weight)  # (b, di)
+        A, Dskip, bias = -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
+        if torch.is_grad_enabled():  # training the iterative form: autograd cannot see an in-place update,
+            y, ssm_state = selective_scan(  # so run the (differentiable) scan at L = 1 from ssm_state
+                x[..., None].contiguous(), dt[..., None].contiguous(), A, Bm[..., None].contiguous(),
+                Cm[..., None].contiguous(), Dskip, z[..., None].contiguous(), delta_bias=bias,
+                delta_softplus=True, return_last_state=True, initial_state=ssm_state)  # (b, di, 1), (b, di, N)
+            return self.out_proj(y[..., 0]), conv_state, ssm_state  # (b, D)
         ssm_state = ssm_state.clone()  # step is functional: the caller's old state stays valid
-        y = selective_state_update(ssm_state, x, dt, -torch.exp(self.A_log.float()), Bm, Cm,
-                                   self.D.float(), z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        y = selective_state_update(ssm_state, x, dt, A, Bm, Cm, Dskip, z, dt_bias=bias, dt_softplus=True)
         return self.out_proj(y), conv_state, ssm_state  # (b, D)
 
 
@@ -226,19 +232,23 @@ class CompressorLayer(nn.Module):
 
 
 class HistoryCompressor(nn.Module):
-    """F_t = HistoryCompressor(E_1..E_t) (Sec. 2.2): L_c x [Mamba over time; MHSA over pixels; FFN]."""
+    """F_t = HistoryCompressor(E_1..E_t) (Sec. 2.2): L_c x [Mamba over time; MHSA over pixels; FFN].
+
+    # EXERCISE: replace Mamba-1 by Mamba-2 (SSD, scalar A per head); done when
+    # test_parallel_equals_recurrent and test_causality pass.
+    """
 
     def __init__(self, cfg):
         super().__init__()
         self.layers = nn.ModuleList(CompressorLayer(cfg) for _ in range(cfg.L_c))
         self.norm = nn.LayerNorm(cfg.D)
 
-    def forward(self, E, pos):  # E (B, T, P, D), all frames at once (Alg. 2 line 5)
+    def forward(self, E, pos):  # E (B, T, P, D), all frames at once (Alg. 2: one scan over T)
         for layer in self.layers:
             E = layer(E, pos)
         return self.norm(E)  # (B, T, P, D)
 
-    def step(self, E, conv, ssm, pos):  # E (B, P, D), one frame (Alg. 1 line 12)
+    def step(self, E, conv, ssm, pos):  # E (B, P, D), one frame (Alg. 1: F_t, state carried over)
         conv, ssm = list(conv), list(ssm)
         for i, layer in enumerate(self.layers):
             E, conv[i], ssm[i] = layer.step(E, conv[i], ssm[i], pos)
@@ -260,7 +270,7 @@ class HistoryDecoderLayer(nn.Module):
 
 
 class HistoryDecoder(nn.Module):
-    """G_t = HistoryDecoder(query = X_t, key/value = F_t) (Sec. 2.2, Alg. 1 line 13)."""
+    """G_t = HistoryDecoder(query = X_t, key/value = F_t) (Sec. 2.2, Alg. 1)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -310,7 +320,7 @@ class PixelDecoder(nn.Module):
 
     def heads(self, q, mask_features, dataset):  # q (n, Q, D); mask_features (n, D, H4, W4)
         q = self.norm(q)
-        cls = self.cls[dataset](q) if dataset in self.cls else None  # (n, Q, K+1)
+        cls = self.cls[dataset](q) if dataset in self.cls else None  # (n, Q, K+1); None: class-agnostic
         masks = torch.einsum("nqd,ndhw->nqhw", self.mask_embed(q), mask_features)  # (n, Q, H4, W4)
         return self.fg(q)[..., 0], cls, masks  # (n, Q)
 
@@ -325,7 +335,7 @@ class PixelDecoder(nn.Module):
         keep = torch.cat([live, live.new_ones(n, self.V.shape[0])], 1)  # (n, Q)
         pos = sine_pos(h, w, G.shape[-1], G.device)  # (P, D)
         preds = [self.heads(q, mask_features, dataset)]
-        for layer in self.layers:
+        for layer in self.layers:  # Mask2Former: attend where the previous layer's mask is > 0.5
             attn = F.avg_pool2d(preds[-1][2].detach(), 2).flatten(2) > 0  # (n, Q, P): sigmoid > 0.5
             attn = attn | ~attn.any(-1, keepdim=True)  # empty mask: attend everywhere (no NaN)
             q = layer(q, qpos, G, pos, attn, keep)
@@ -374,10 +384,10 @@ class AUSM(nn.Module):
             raise ValueError(f"ids contain {int(ids.max())} but the ID buffer B has only N_id="
                              f"{self.cfg.N_id} rows (raise Config.N_id or track fewer objects)")
 
-    def _frame(self, X, f4, E_or_F, A, live, dataset):  # shared tail: History Decoder + Pixel Decoder
-        (h, w), n = X.shape[-2:], X.shape[0]
+    def _frame(self, X, f4, Ft, A, live, dataset):  # shared by both forms: History + Pixel Decoder
+        h, w = X.shape[-2:]  # X (n, D, h, w); Ft (n, P, D)
         pos = sine_pos(h, w, self.cfg.D, X.device)  # (P, D)
-        G = self.decoder(rearrange(X, "n d h w -> n (h w) d"), E_or_F, pos)  # (n, P, D)
+        G = self.decoder(rearrange(X, "n d h w -> n (h w) d"), Ft, pos)  # (n, P, D)
         return self.pixel_decoder(G, f4, A, live, (h, w), dataset)
 
     def forward(self, frames, ids, history, tracked, dataset="synthetic"):
@@ -390,14 +400,16 @@ class AUSM(nn.Module):
         Bsz, T = frames.shape[:2]
         N = ids.shape[1]
         if ids.shape != (Bsz, N) or history.shape[:3] != (Bsz, T, N) or tracked.shape != (Bsz, T, N):
-            raise ValueError(f"forward: with frames {tuple(frames.shape)} and ids {tuple(ids.shape)} expected "
+            raise ValueError(f"forward: with frames {tuple(frames.shape)} and ids {tuple(ids.shape)} "
+                             "expected "
                              f"history (B={Bsz}, T={T}, N={N}, H, W) and tracked ({Bsz}, {T}, {N}); got "
                              f"{tuple(history.shape)} and {tuple(tracked.shape)}")
         self._check_ids(ids)
         X, f4 = self.backbone(frames.flatten(0, 1))  # (B*T, D, h, w), (B*T, width, H/4, W/4)
         (h, w), D = X.shape[-2:], self.cfg.D
         X5 = X.unflatten(0, (Bsz, T))  # (B, T, D, h, w)
-        X_prev = torch.cat([self.X_0.view(1, 1, D, 1, 1).expand(Bsz, 1, D, h, w), X5[:, :-1]], 1)  # (B,T,D,h,w)
+        X_0 = self.X_0.view(1, 1, D, 1, 1).expand(Bsz, 1, D, h, w)  # (B, 1, D, h, w) start token
+        X_prev = torch.cat([X_0, X5[:, :-1]], 1)  # (B, T, D, h, w): shifted by one, as in a language model
         live = tracked.bool() & (ids >= 0)[:, None]  # (B, T, N)
         A = self.B[ids.clamp(min=0)]  # (B, N, D)
         A_bt = A[:, None].expand(Bsz, T, N, D).flatten(0, 1)  # (B*T, N, D)
@@ -409,7 +421,7 @@ class AUSM(nn.Module):
         return {k: None if v is None else v.unflatten(1, (Bsz, T)) for k, v in out.items()}  # (P, B, T, ...)
 
     def init_state(self, batch, N, H, W, ids=None, generator=None):
-        """State before frame 1 (Alg. 1 line 1-3): zero Mamba states, X_prev = X_0, nothing allocated.
+        """State before frame 1 (Alg. 1, before the loop): zero Mamba states, X_prev = X_0, nothing allocated.
         ids=None: Sampler(B, N) draws N distinct rows of B per sample."""
         cfg, dev = self.cfg, self.X_0.device
         if H % 8 or W % 8:
@@ -425,7 +437,7 @@ class AUSM(nn.Module):
         return State(conv=[torch.zeros(batch * h * w, di, cfg.d_conv, device=dev, dtype=dtype)
                            for _ in range(cfg.L_c)],
                      ssm=[torch.zeros(batch * h * w, di, cfg.d_state, device=dev) for _ in range(cfg.L_c)],
-                     X_prev=self.X_0.detach().view(1, -1, 1, 1).expand(batch, -1, h, w).clone(),
+                     X_prev=self.X_0.view(1, -1, 1, 1).expand(batch, -1, h, w).clone(),  # graph kept if grad
                      ids=ids.to(dev).long(), alloc=torch.zeros(batch, N, dtype=torch.bool, device=dev),
                      M=torch.zeros(batch, N, H, W, device=dev))
 

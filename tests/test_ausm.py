@@ -59,18 +59,21 @@ def test_shapes(preset):
         G = model.decoder(torch.randn(Bsz, P, D), torch.randn(Bsz, P, D), pos)
         assert G.shape == (Bsz, P, D)
         pd = model.pixel_decoder(G, f4, model.B[:N].expand(Bsz, N, D), tracked[:, 1], (h, h), "synthetic")
-        assert pd["fg"].shape == (cfg.L_p + 1, Bsz, Q) and pd["masks"].shape == (cfg.L_p + 1, Bsz, Q, 2 * h, 2 * h)
+        assert pd["fg"].shape == (cfg.L_p + 1, Bsz, Q)
+        assert pd["masks"].shape == (cfg.L_p + 1, Bsz, Q, 2 * h, 2 * h)
         out = model(frames, ids, history, tracked, dataset=cfg.class_heads[-1][0])
         assert out["fg"].shape == (cfg.L_p + 1, Bsz, T, Q)
         assert out["cls"].shape == (cfg.L_p + 1, Bsz, T, Q, cfg.class_heads[-1][1] + 1)
         assert out["masks"].shape == (cfg.L_p + 1, Bsz, T, Q, H // 4, H // 4)
+        q, mask_features = torch.randn(Bsz, Q, D), torch.randn(Bsz, D, 2 * h, 2 * h)
         for name, K in cfg.class_heads:  # one K+1-way head per dataset
-            assert model.pixel_decoder.heads(torch.randn(Bsz, Q, D), torch.randn(Bsz, D, 2 * h, 2 * h), name)[1].shape == (Bsz, Q, K + 1)
-        assert model.pixel_decoder.heads(torch.randn(Bsz, Q, D), torch.randn(Bsz, D, 2 * h, 2 * h), "davis")[1] is None  # class-agnostic dataset
+            assert model.pixel_decoder.heads(q, mask_features, name)[1].shape == (Bsz, Q, K + 1)
+        assert model.pixel_decoder.heads(q, mask_features, "davis")[1] is None  # class-agnostic dataset
         state = model.init_state(Bsz, N, H, H)
         assert state.ids.shape == (Bsz, N) and len(set(state.ids[0].tolist())) == N  # distinct rows
         assert len(state.conv) == len(state.ssm) == cfg.L_c and state.ssm[0].dtype == torch.float32
-        assert state.conv[0].shape == (Bsz * P, di, cfg.d_conv) and state.ssm[0].shape == (Bsz * P, di, cfg.d_state)
+        assert state.conv[0].shape == (Bsz * P, di, cfg.d_conv)
+        assert state.ssm[0].shape == (Bsz * P, di, cfg.d_state)
         out, state = model.step(frames[:, 0], state)
         assert out["fg"].shape == (cfg.L_p + 1, Bsz, Q)
         assert out["cls"].shape == (cfg.L_p + 1, Bsz, Q, 7)
@@ -130,11 +133,13 @@ def test_mamba_init_and_forward_equals_steps():
     assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 1e-1 * (1 + 1e-5)
     u = torch.randn(3, 6, 32)
     y = m(u)
-    conv, ssm, ys = torch.zeros(3, 64, 4), torch.zeros(3, 64, 8), []
-    for t in range(6):
-        yt, conv, ssm = m.step(u[:, t], conv, ssm)
-        ys.append(yt)
-    assert rel_err(y, torch.stack(ys, 1)) <= 1e-5
+    for grad in (True, False):  # grad: differentiable scan at L=1; no grad: selective_state_update
+        with torch.set_grad_enabled(grad):
+            conv, ssm, ys = torch.zeros(3, 64, 4), torch.zeros(3, 64, 8), []
+            for t in range(6):
+                yt, conv, ssm = m.step(u[:, t], conv, ssm)
+                ys.append(yt)
+        assert rel_err(y, torch.stack(ys, 1)) <= 1e-5
 
 
 # ---------------------------------------------------------------------------------- causality
@@ -182,7 +187,8 @@ def test_state_size_constant():
             out, state = model.step(torch.rand(1, 3, 16, 16), state)
             if t % 3 == 0 and t < 9:  # objects keep arriving; their latest masks replace older ones
                 state.alloc[0, t // 3 - 1] = True
-            state.M.copy_((out["masks"][-1, :, :3].repeat_interleave(4, -1).repeat_interleave(4, -2) > 0).float())
+            up = out["masks"][-1, :, :3].repeat_interleave(4, -1).repeat_interleave(4, -2)  # (1, 3, 16, 16)
+            state.M.copy_((up > 0).float())  # like infer.py: this frame's masks become M_t
             sizes[t] = state.nbytes()
     assert sizes[2] == sizes[200] == sizes[0]
     assert torch.isfinite(out["masks"]).all()
@@ -220,7 +226,8 @@ def test_empty_mask_attends_everywhere():
         qpos = torch.cat([pd.trk_pos.expand(2, 2, -1), pd.V_pos.expand(2, -1, -1)], 1)
         keep = torch.cat([live, torch.ones(2, cfg.N_det, dtype=torch.bool)], 1)
         for layer in pd.layers:
-            q = layer(q, qpos, G, sine_pos(4, 4, cfg.D), torch.ones(2, q.shape[1], 16, dtype=torch.bool), keep)
+            everywhere = torch.ones(2, q.shape[1], 16, dtype=torch.bool)
+            q = layer(q, qpos, G, sine_pos(4, 4, cfg.D), everywhere, keep)
         torch.testing.assert_close(out["fg"][-1], pd.fg(pd.norm(q))[..., 0])
 
 
@@ -259,3 +266,8 @@ def test_forward_backward_every_parameter_gets_gradient():
                if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing, f"no gradient reaches {missing}"
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model.zero_grad()  # the recurrent form keeps the start token X_0 in the graph too
+    state = model.init_state(1, 3, 128, 128, ids=ids)
+    out, state = model.step(frames[:, 0], state)
+    out["fg"].sum().backward()
+    assert model.X_0.grad is not None and model.X_0.grad.abs().sum() > 0
