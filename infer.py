@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import polygons_to_mask, read_palette_png, rle_decode
+from data import polygons_to_mask, read_palette_png, rle_area, rle_decode
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,23 +113,24 @@ def davis_scores(sequences, bound_th=0.008):
     return out
 
 
-def _decode(seg, h=None, w=None):
-    """A per-frame segmentation (RLE, compressed or not; polygons need the frame size h, w) -> bool (h, w)."""
-    if seg is None:                                 # the instance is absent from this frame
-        return None
+def _decode(seg, h, w):
+    """A per-frame segmentation (RLE, compressed or not, or polygons) -> bool (h, w); absent (None) = empty."""
+    if seg is None:
+        return np.zeros((h, w), bool)
     return (rle_decode(seg) if isinstance(seg, dict) else polygons_to_mask(seg, h, w)) > 0
 
 
-def _video_iou(d, g):
-    """Video IoU: sum over frames of intersections / sum of unions; one side absent adds its area."""
-    i = u = 0
-    for dm, gm in zip(d, g):
-        if dm is not None and gm is not None:
-            inter = int(np.logical_and(dm, gm).sum())
-            i, u = i + inter, u + int(dm.sum()) + int(gm.sum()) - inter
-        elif dm is not None or gm is not None:
-            u += int((dm if dm is not None else gm).sum())
-    return i / u if u > 0 else 0.0
+def _video_ious(d, g, h, w):
+    """Video IoU (D, G) of detections d and ground truths g, each a list of per-frame segmentations:
+    sum over frames of intersections / sum of unions (a frame where one is absent adds the other's area).
+    Decodes one frame at a time, so memory does not grow with the video."""
+    inter, union = np.zeros((len(d), len(g))), np.zeros((len(d), len(g)))     # (D, G) each
+    for t in range(len(g[0]) if g else 0):
+        dm = np.array([_decode(x[t], h, w).ravel() for x in d], np.float32).reshape(len(d), h * w)  # (D, HW)
+        gm = np.array([_decode(y[t], h, w).ravel() for y in g], np.float32).reshape(len(g), h * w)  # (G, HW)
+        i = dm @ gm.T                                # (D, G) pixel counts, exact in float32 below 2^24
+        inter, union = inter + i, union + dm.sum(1)[:, None] + gm.sum(1)[None] - i
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 IOU_THRS, REC_THRS, MAX_DETS = np.linspace(0.5, 0.95, 10), np.linspace(0.0, 1.0, 101), (1, 10, 100)
@@ -140,10 +141,12 @@ def _instances(anns, is_gt, sizes):
     """Group annotations (or results) by (video, category), masks decoded, mean non-zero area over frames."""
     out = {}
     for n, a in enumerate(anns):
-        m = [_decode(s, *sizes[a["video_id"]]) for s in a["segmentations"]]
-        areas = [x for x in ((is_gt and a.get("areas")) or [None if x is None else x.sum() for x in m]) if x]
+        segs = a["segmentations"]
+        areas = (is_gt and a.get("areas")) or [s if s is None else rle_area(s) if isinstance(s, dict)
+                                                else _decode(s, *sizes[a["video_id"]]).sum() for s in segs]
+        areas = [x for x in areas if x]             # the mean is over frames where it is present and non-empty
         out.setdefault((a["video_id"], a["category_id"]), []).append(dict(
-            id=a["id"] if is_gt else n + 1, masks=m, area=float(np.mean(areas)) if areas else 0.0,
+            id=a["id"] if is_gt else n + 1, segs=segs, area=float(np.mean(areas)) if areas else 0.0,
             crowd=is_gt and bool(a.get("iscrowd")), score=a.get("score")))
     return out
 
@@ -196,18 +199,22 @@ def ytvis_ap(gt_dataset, results):
     gt_dataset: the parsed annotations JSON; results: the parsed predictions list.
     -> {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}; -1 where there was nothing to score."""
     sizes = {v["id"]: (v["height"], v["width"]) for v in gt_dataset["videos"]}
+    lengths = {v["id"]: v.get("length") or len(v["file_names"]) for v in gt_dataset["videos"]}
     vids, cats = sorted(sizes), sorted(c["id"] for c in gt_dataset["categories"])
-    bad = [r["video_id"] for r in results if r["video_id"] not in sizes]
-    if bad:
-        raise ValueError(f"results for video_id {bad[0]}, which is not in the ground truth")
+    for n, r in enumerate(list(gt_dataset["annotations"]) + list(results)):
+        if len(r["segmentations"]) != lengths.get(r["video_id"]):
+            raise ValueError(f"{'annotation' if 'id' in r else 'result'} {r.get('id', n)} has video_id {r['video_id']}"
+                             f" and {len(r['segmentations'])} segmentations; the ground truth has "
+                             f"{lengths.get(r['video_id'], 'no such video')} frames (one RLE or null per frame)")
     gts, dts = _instances(gt_dataset["annotations"], True, sizes), _instances(results, False, sizes)
     precision = -np.ones((len(IOU_THRS), len(REC_THRS), len(cats), len(AREA_RNGS), len(MAX_DETS)))  # -1: none
     recall = -np.ones((len(IOU_THRS), len(cats), len(AREA_RNGS), len(MAX_DETS)))
     for k, cat in enumerate(cats):
         E = [[] for _ in AREA_RNGS]                 # per area range, one entry per video with anything in it
-        for g, d in ((gts.get((v, cat), []), dts.get((v, cat), [])) for v in vids):
+        for v in vids:
+            g, d = gts.get((v, cat), []), dts.get((v, cat), [])
             d = [d[i] for i in np.argsort([-x["score"] for x in d], kind="mergesort")][:MAX_DETS[-1]]
-            ious = np.array([[_video_iou(x["masks"], y["masks"]) for y in g] for x in d]).reshape(len(d), len(g))
+            ious = _video_ious([x["segs"] for x in d], [y["segs"] for y in g], *sizes[v])   # (D, G)
             for a, (lo, hi) in enumerate(AREA_RNGS if g or d else ()):
                 E[a].append(_match(d, g, ious, lo, hi))
         for (a, e), (m, md) in itertools.product(enumerate(E), enumerate(MAX_DETS)):

@@ -76,10 +76,11 @@ def test_ytvis_golden_ious(case):
         d = [r for r in case["results"] if (r["video_id"], r["category_id"]) == (vid, cat)]
         d = [d[i] for i in np.argsort([-r["score"] for r in d], kind="mergesort")][:100]
         g = [a for a in case["gt"]["annotations"] if (a["video_id"], a["category_id"]) == (vid, cat)]
-        ious = [[infer._video_iou(*[[infer._decode(s) for s in z["segmentations"]] for z in (x, y)]) for y in g]
-                for x in d]
+        v = next(v for v in case["gt"]["videos"] if v["id"] == vid)
+        ious = infer._video_ious([x["segmentations"] for x in d], [y["segmentations"] for y in g],
+                                 v["height"], v["width"])
         if rows:
-            np.testing.assert_allclose(np.array(ious).reshape(len(d), len(g)), rows, atol=1e-6, err_msg=key)
+            np.testing.assert_allclose(ious, rows, atol=1e-6, err_msg=key)
 
 
 def test_ytvis_results_against_themselves_score_one():
@@ -126,10 +127,11 @@ def test_cli_ytvis_matches_golden(tmp_path, capsys):
 def test_rle_examples_from_evaluation_md():
     box = np.zeros((4, 5), bool)
     box[1:3, 1:4] = True
-    np.testing.assert_array_equal(infer._decode({"size": [4, 5], "counts": "5220003"}), box)
-    np.testing.assert_array_equal(infer._decode({"size": [4, 5], "counts": [5, 2, 2, 2, 2, 2, 5]}), box)
-    assert not infer._decode({"size": [3, 4], "counts": "<"}).any()
-    assert infer._decode({"size": [3, 4], "counts": "0<"}).all()
+    np.testing.assert_array_equal(infer._decode({"size": [4, 5], "counts": "5220003"}, 4, 5), box)
+    np.testing.assert_array_equal(infer._decode({"size": [4, 5], "counts": [5, 2, 2, 2, 2, 2, 5]}, 4, 5), box)
+    assert not infer._decode({"size": [3, 4], "counts": "<"}, 3, 4).any()
+    assert infer._decode({"size": [3, 4], "counts": "0<"}, 3, 4).all()
+    assert not infer._decode(None, 3, 4).any()
 
 
 def test_ytvis_polygon_ground_truth_scores_one():
@@ -140,6 +142,8 @@ def test_ytvis_polygon_ground_truth_scores_one():
                            "segmentations": [[[0, 0, 4, 0, 4, 4, 0, 4]], None]}]}
     s = infer.ytvis_ap(gt, [{"video_id": 1, "category_id": 1, "score": 0.9, "segmentations": [square, None]}])
     assert s["AP"] == pytest.approx(1.0) and s["APs"] == pytest.approx(1.0) and s["APl"] == -1
+    with pytest.raises(ValueError, match="1 segmentations; the ground truth has 2 frames"):
+        infer.ytvis_ap(gt, [{"video_id": 1, "category_id": 1, "score": 0.9, "segmentations": [square]}])
 
 
 def test_bad_input_is_explained(tmp_path):
