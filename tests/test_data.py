@@ -226,3 +226,274 @@ def test_synthetic_generation_speed():
         data.synthetic_clip((9, i), 2, 8, 128)
     ms = (time.perf_counter() - t0) * 1e3 / 48
     assert ms < 25, f"{ms:.1f} ms per 128x128 frame (target < 5 on an idle core)"
+
+
+# ----------------------------------------------------------------------------- fixtures in the real formats
+S = 32                                                     # fixture frames are S x S, read back at size S
+BOXES = {1: (2, 10, 3, 12), 2: (14, 22, 18, 30), 3: (20, 30, 2, 9)}     # object id -> y0, y1, x0, x1
+COLOURS = {1: (250, 20, 20), 2: (20, 250, 20), 3: (20, 20, 250)}
+
+
+def _box(k, h=S, w=S):
+    m = np.zeros((h, w), bool)
+    y0, y1, x0, x1 = BOXES[k]
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def _write_frame(path, t, objects, h=S, w=S):
+    """A flat frame whose red level says which frame it is (10 + 20 t), with the objects' boxes painted."""
+    img = np.full((h, w, 3), 60, np.uint8)
+    img[..., 0] = 10 + 20 * t
+    for k in objects:
+        img[_box(k, h, w)] = COLOURS[k]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, quality=98)
+
+
+def _frame_index(frame):
+    return int(round((frame[0, 0, -1].item() * 255 - 10) / 20))          # bottom-left corner is background
+
+
+def _write_png_video(jdir, adir, n, present, masked=None, ids_override=None):
+    """n frames; present[k] = first frame of object k; masks only for frames in `masked` (default all)."""
+    for t in range(n):
+        objs = [k for k, t0 in present.items() if t >= t0]
+        _write_frame(jdir / f"{t:05d}.jpg", t, objs)
+        if masked is None or t in masked:
+            ids = np.zeros((S, S), np.uint8)
+            for k in (ids_override or {}).get(t, objs):
+                ids[_box(k)] = k
+            data.write_palette_png(adir / f"{t:05d}.png", ids)
+
+
+@pytest.fixture
+def davis(tmp_path):
+    root = tmp_path / "DAVIS"
+    for seq in ("a", "b"):
+        _write_png_video(root / "JPEGImages/480p" / seq, root / "Annotations/480p" / seq, 8, {1: 0, 2: 3})
+    void = data.read_palette_png(root / "Annotations/480p/b/00000.png")
+    void[0, :] = 255                                                       # a void row: background
+    data.write_palette_png(root / "Annotations/480p/b/00000.png", void)
+    (root / "ImageSets/2017").mkdir(parents=True)
+    (root / "ImageSets/2017/train.txt").write_text("a\n")
+    (root / "ImageSets/2017/val.txt").write_text("b\n")
+    return root
+
+
+def _check_clip_against_boxes(clip, first, box_of=None):
+    """Each mask equals its object's box in the frames after its first appearance (frame read off the pixels)."""
+    ts = [_frame_index(f) for f in clip.frames]
+    for i, k in enumerate(clip.ids):
+        k = (box_of or {}).get(k, k)
+        for j, t in enumerate(ts):
+            expect = _box(k) if t >= first[k] else np.zeros((S, S), bool)
+            np.testing.assert_array_equal(clip.masks[i, j].numpy(), expect, err_msg=f"{clip.name} id {k} frame {t}")
+    return ts
+
+
+def test_davis_reader(davis):
+    stream = data.train_stream(f"davis:{davis}", stage=2, T=3, size=S, seed=0)
+    strides = set()
+    for _ in range(6):
+        c = next(stream)
+        assert c.name == "a" and c.dataset == "davis" and c.frames.shape == (3, 3, S, S)
+        ts = _check_clip_against_boxes(c, {1: 0, 2: 3})                   # masks follow the frames they came from
+        assert ts == sorted(ts) and len(set(np.diff(ts))) == 1 and 1 <= ts[1] - ts[0] <= 3
+        strides.add(ts[1] - ts[0])
+        assert (c.labels == -1).all() and data.NUM_CLASSES["davis"] == 0
+    assert len(strides) > 1                                                # the stride is sampled
+    (val,) = data.heldout(f"davis:{davis}", n=5, T=None, size=S)
+    assert val.name == "b" and val.ids == [1, 2] and val.frames.shape[0] == 8
+    assert _check_clip_against_boxes(val, {1: 0, 2: 3}) == list(range(8))  # void row 0 read as background
+    still = next(data.train_stream(f"davis:{davis}", stage=1, T=4, size=S))
+    assert still.frames.shape == (4, 3, S, S) and still.masks.shape[1] == 4
+
+
+def test_mask_resize_is_nearest(davis):
+    (val,) = data.heldout(f"davis:{davis}", n=1, T=1, size=S // 2)
+    np.testing.assert_array_equal(val.masks[0, 0].numpy(), _box(1)[1::2, 1::2])   # src pixel 2i + 1 for dst i
+    assert val.frames.shape == (1, 3, S // 2, S // 2)
+
+
+def test_mose_reader_first_frame_masks_only(tmp_path):
+    root = tmp_path / "MOSE"
+    _write_png_video(root / "JPEGImages/v", root / "Annotations/v", 5, {1: 0, 3: 0}, masked={0})
+    (c,) = data.heldout(f"mose:{root}", n=1, T=None, size=S)
+    assert c.ids == [1, 3] and c.dataset == "mose" and c.frames.shape[0] == 5
+    assert c.masks[:, 0].flatten(1).any(1).all() and not c.masks[:, 1:].any()   # later frames: no annotation
+    with pytest.raises(FileNotFoundError, match=r"frame 00001\.jpg has no mask .*00001\.png"):
+        next(data.train_stream(f"mose:{root}", stage=2, T=2, size=S))   # training needs every mask
+
+
+def _ytvos(root, split, present, masked=None, ids_override=None, listed=None):
+    d = root / split
+    _write_png_video(d / "JPEGImages/v1", d / "Annotations/v1", 4, present, masked, ids_override)
+    frames = [f"{t:05d}" for t in range(4)]
+    objs = {str(k): {"category": "cat" if k == 1 else "dog", "frames": listed or frames[t0:]}
+            for k, t0 in present.items()}
+    (d / "meta.json").write_text(json.dumps({"videos": {"v1": {"objects": objs}}}))
+
+
+def test_ytvos_reader_sparse_validation(tmp_path):
+    root = tmp_path / "ytvos"
+    _ytvos(root, "train", {1: 0, 2: 2})
+    _ytvos(root, "valid", {1: 0, 2: 2}, masked={0, 2}, ids_override={2: [2]})   # frame 2 holds only the new object
+    c = next(data.train_stream(f"ytvos:{root}", stage=2, T=2, size=S))
+    assert c.dataset == "ytvos" and set(c.ids) <= {1, 2}
+    _check_clip_against_boxes(c, {1: 0, 2: 2})
+    (v,) = data.heldout(f"ytvos:{root}", T=None, size=S)
+    assert v.ids == [1, 2] and v.frames.shape[0] == 4 and (v.labels == -1).all()
+    np.testing.assert_array_equal(v.masks[0, 0].numpy(), _box(1))
+    np.testing.assert_array_equal(v.masks[1, 2].numpy(), _box(2))        # first appearance, later frame
+    assert not v.masks[0, 1:].any() and not v.masks[1, :2].any() and not v.masks[1, 3].any()   # 0 = unknown
+
+
+def test_ytvos_bad_input(tmp_path):
+    _ytvos(tmp_path / "a", "train", {1: 0, 2: 0}, ids_override={1: [1, 3]})
+    (tmp_path / "a/train/meta.json").write_text(json.dumps({"videos": {"v1": {"objects": {
+        "1": {"category": "cat", "frames": ["00000"]}, "2": {"category": "dog", "frames": ["00000"]}}}}}))
+    with pytest.raises(ValueError, match=r"00001\.png: object id 3 in frame 1 is not listed in .*meta\.json"):
+        list(data.heldout(f"ytvos:{tmp_path / 'a/train'}", T=None, size=S))
+    _ytvos(tmp_path / "b", "train", {1: 0}, masked={0, 1, 3})             # meta lists frame 2, its PNG is gone
+    with pytest.raises(FileNotFoundError, match=r"v1: frame 00002\.jpg has no mask"):
+        next(data.train_stream(f"ytvos:{tmp_path / 'b'}", stage=2, T=2, size=S))
+
+
+def _poly(k):
+    y0, y1, x0, x1 = BOXES[k]
+    return [x0, y0, x1, y0, x1, y1, x0, y1]                                # rasterises to exactly the box
+
+
+def _vis_json(tmp_path, seg1=None):
+    img = tmp_path / "imgs"
+    for t in range(4):
+        _write_frame(img / "vid" / f"{t}.jpg", t, [1] + ([2] if t >= 2 else []))
+    rle = lambda k: data.rle_encode(_box(k))                                # noqa: E731
+    d = {"videos": [{"id": 7, "width": S, "height": S, "length": 4, "file_names": [f"vid/{t}.jpg" for t in range(4)]}],
+         "categories": [{"id": 9, "name": "z"}, {"id": 3, "name": "x"}, {"id": 5, "name": "y"}],
+         "annotations": [
+             {"id": 10, "video_id": 7, "category_id": 5, "iscrowd": 0,     # polygon, uncompressed, compressed, bytes
+              "segmentations": seg1 or [[_poly(1)], {"size": [S, S], "counts": _brute_counts(_box(1))}, rle(1),
+                                        {"size": [S, S], "counts": rle(1)["counts"]}]},
+             {"id": 11, "video_id": 7, "category_id": 3, "iscrowd": 1, "segmentations": [rle(3)] * 4},
+             {"id": 12, "video_id": 7, "category_id": 3, "iscrowd": 0, "segmentations": [None, None, rle(2), rle(2)]}]}
+    (tmp_path / "vis.json").write_text(json.dumps(d))
+    return tmp_path / "vis.json", img
+
+
+@pytest.mark.parametrize("name", ["ytvis19", "ytvis21", "ovis"])
+def test_ytvis_reader(tmp_path, name):
+    js, img = _vis_json(tmp_path)
+    (c,) = data.heldout(f"{name}:{js}:{img}", T=None, size=S)
+    assert c.dataset == name and c.name == "7" and c.ids == [10, 12]      # the crowd annotation is dropped
+    assert c.labels.tolist() == [1, 0]                                     # category ids 3, 5, 9 -> 0, 1, 2
+    assert _check_clip_against_boxes(c, {1: 0, 2: 2}, {10: 1, 12: 2}) == [0, 1, 2, 3]
+    c2 = next(data.train_stream(f"{name}:{js}:{img}", stage=2, T=2, size=S))
+    assert c2.dataset == name and _check_clip_against_boxes(c2, {1: 0, 2: 2}, {10: 1, 12: 2})
+
+
+def test_ytvis_bad_input(tmp_path):
+    overflow = {"size": [S, S], "counts": [S * S - 3, 10]}
+    js, img = _vis_json(tmp_path, seg1=[[_poly(1)], overflow, None, None])
+    with pytest.raises(ValueError, match=r"vis\.json: video 7 frame 1 .*annotation 10: RLE runs cover 1031 pixels"):
+        data.heldout(f"ytvis19:{js}:{img}", T=None, size=S)
+    js, img = _vis_json(tmp_path, seg1=[[_poly(1), [1, 2, 3, 4]], None, None, None])
+    with pytest.warns(UserWarning, match=r"video 7 frame 0 .*annotation 10: polygon 1: 4 numbers"):
+        (c,) = data.heldout(f"ytvis19:{js}:{img}", T=1, size=S)
+    np.testing.assert_array_equal(c.masks[0, 0].numpy(), _box(1))         # the good polygon is kept
+    js, img = _vis_json(tmp_path, seg1=[{"size": [16, 16], "counts": "0"}, None, None, None])
+    with pytest.raises(ValueError, match=r"frame 0 .*annotation 10: RLE size \[16, 16\] differs"):
+        data.heldout(f"ytvis19:{js}:{img}", T=1, size=S)
+
+
+def test_coco_reader_makes_pseudo_videos(tmp_path):
+    img = tmp_path / "imgs"
+    _write_frame(img / "one.jpg", 0, [1, 2, 3])
+    y0, y1, x0, x1 = BOXES[2]
+    left, right = [x0, y0, 24, y0, 24, y1, x0, y1], [24, y0, x1, y0, x1, y1, 24, y1]
+    d = {"images": [{"id": 4, "file_name": "one.jpg", "height": S, "width": S},
+                    {"id": 5, "file_name": "none.jpg", "height": S, "width": S}],
+         "categories": [{"id": 1, "name": "a"}, {"id": 5, "name": "b"}, {"id": 90, "name": "c"}],
+         "annotations": [
+             {"id": 1, "image_id": 4, "category_id": 90, "iscrowd": 0, "segmentation": [_poly(1)]},
+             {"id": 2, "image_id": 4, "category_id": 1, "iscrowd": 0, "segmentation": [left, right, [0, 0]]},
+             {"id": 3, "image_id": 4, "category_id": 5, "iscrowd": 1,
+              "segmentation": {"size": [S, S], "counts": _brute_counts(_box(3))}}]}
+    (tmp_path / "coco.json").write_text(json.dumps(d))
+    spec = f"coco:{tmp_path / 'coco.json'}:{img}"
+    with pytest.warns(UserWarning, match="polygon 2: 2 numbers"):
+        (video,) = data._open(spec, train=True)                           # the image without objects is skipped
+        masks = video.load(0, S, S)
+    assert sorted(masks) == [1, 2]                                         # crowd dropped
+    np.testing.assert_array_equal(masks[2], _box(2))                      # two polygons merged
+    with pytest.warns(UserWarning):
+        c = next(data.train_stream(spec, stage=2, T=3, size=S))
+    assert c.dataset == "coco" and c.name == "one" and c.ids == [1, 2] and c.labels.tolist() == [2, 0]
+    assert c.frames.shape == (3, 3, S, S) and c.masks.shape == (2, 3, S, S)
+    for i, k in enumerate(c.ids):                                          # views keep masks on their colour
+        for t in range(3):
+            inner = _erode(c.masks[i, t])
+            if inner.any():
+                col = torch.tensor(COLOURS[k], dtype=torch.float32) / 255
+                assert (c.frames[t][:, inner].mean(1) - col).abs().max() < 0.06
+
+
+def test_bad_images_and_masks(davis):
+    seq, ann = davis / "JPEGImages/480p/a", davis / "Annotations/480p/a"
+    read = lambda t: data._read_clip(data._open(f"davis:{davis}", True)[0], [t], S)   # noqa: E731
+    good = (seq / "00001.jpg").read_bytes()
+    (seq / "00001.jpg").write_bytes(good[: len(good) // 2])               # truncated JPEG
+    with pytest.raises(ValueError, match=r"a/00001\.jpg: cannot decode frame image"):
+        read(1)
+    (seq / "00001.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(ValueError, match=r"00001\.jpg: cannot decode"):
+        read(1)
+    Image.fromarray(np.zeros((S, S, 3), np.uint8)).save(ann / "00002.png")   # RGB instead of palette
+    with pytest.raises(ValueError, match=r"a/00002\.png: mask is mode 'RGB'; expected an 8-bit palette"):
+        read(2)
+    data.write_palette_png(ann / "00003.png", np.zeros((S // 2, S), np.uint8))   # wrong size
+    with pytest.raises(ValueError, match=r"00003\.png: mask is 32x16 \(w x h\) but its frame is 32x32"):
+        read(3)
+    (ann / "00004.png").unlink()                                           # frame without mask
+    with pytest.raises(FileNotFoundError, match=r"a: frame 00004\.jpg has no mask"):
+        data._open(f"davis:{davis}", True)
+    with pytest.raises(ValueError, match="unknown dataset spec 'kitti:x'"):
+        next(data.train_stream("kitti:x"))
+    with pytest.raises(ValueError, match="JSON:IMGDIR"):
+        data.heldout("ytvis19:only.json")
+
+
+# ----------------------------------------------------------------------------- writing the synthetic set
+@pytest.mark.parametrize("fmt", ["davis", "ytvis", "coco"])
+def test_write_synthetic_reads_back(tmp_path, fmt):
+    T = 1 if fmt == "coco" else 3
+    written = data.write_synthetic(fmt, tmp_path, num_videos=2, T=3, size=48)
+    spec = {"davis": f"davis:{tmp_path}", "ytvis": f"ytvis19:{tmp_path / 'instances.json'}:{tmp_path / 'JPEGImages'}",
+            "coco": f"coco:{tmp_path / 'instances.json'}:{tmp_path / 'images'}"}[fmt]
+    if fmt == "coco":
+        back = [data._read_clip(v, [0], 48) for v in data._open(spec, train=False)]
+    else:
+        back = data.heldout(spec, n=2, T=None, size=48)
+    assert len(back) == 2
+    for w, b in zip(written, back):
+        assert b.frames.shape[0] == T and torch.equal(b.masks, w.masks)   # palette PNG / RLE are lossless
+        assert (b.frames - w.frames).abs().mean() < 0.03                  # JPEG is not
+        if fmt != "davis":
+            assert torch.equal(b.labels, w.labels)                        # category ids 1..6 -> 0..5
+        else:
+            assert b.ids == w.ids
+
+
+def test_cli_help_and_write(tmp_path):
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(repo / "data.py"), "-h"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--num-videos" in out.stdout and "--frames" in out.stdout
+    out = subprocess.run([sys.executable, str(repo / "data.py"), "--write", f"davis:{tmp_path}", "--num-videos", "1",
+                          "--frames", "2", "--size", "32"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    with Image.open(tmp_path / "Annotations/480p/synthetic-val-000/00001.png") as im:
+        assert im.mode == "P" and im.size == (32, 32)
+    assert (tmp_path / "ImageSets/2017/val.txt").read_text().split() == ["synthetic-val-000"]
