@@ -17,11 +17,13 @@ Differs from the paper (each is a [D] decision in AUSM.md):
     chosen by dataset name.
   - Pre-norm residual blocks in the compressor and history decoder; Mask2Former's post-norm in the
     pixel decoder; Mask2Former's multi-scale round-robin is replaced by the single stride-8 map G_t.
+  - Mamba.step with autograd on runs the differentiable scan at L = 1 from the state (so the iterative
+    trainer can backpropagate); without autograd it uses the in-place selective_state_update.
 Left out: Swin weights, the Sampler's use at inference (infer.py allocates), losses (train.py),
 test-time scaling (infer.py), boxes/points prompts.
 """
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -1,13 +1,13 @@
 """Tests for ausm.py: shapes, the History Marker against hand-computed values, causality, parallel ==
 recurrent (Alg. 2 vs Alg. 1), constant state size, the empty-mask rule, padding invariance, gradients."""
-import copy
+import dataclasses
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ausm import (AUSM, Attention, Backbone, Config, HistoryCompressor, HistoryDecoder, HistoryMarker,
-                  Mamba, PixelDecoder, sine_pos)
+from ausm import AUSM, Attention, Config, HistoryMarker, Mamba, PixelDecoder, sine_pos
 
 torch.set_num_threads(1)  # the CI box has 2 shared cores: extra threads only spin-wait
 
@@ -41,6 +41,7 @@ def test_shapes(preset):
     cfg = getattr(Config, preset)()
     D, H, T, N, Bsz = cfg.D, 64, 2, 3, 2  # the paper preset on a tiny input
     h, P, Q, di = H // 8, (H // 8) ** 2, N + cfg.N_det, cfg.expand * cfg.D
+    assert Config(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg  # round trip via a checkpoint
     model = AUSM(cfg).eval()
     frames, ids, history, tracked = make_inputs(Bsz, T, N, H)
     with torch.no_grad():
