@@ -64,7 +64,7 @@ class Config:
 
     @classmethod
     def paper(cls, **kw):
-        """The paper's sizes (Sec. 3.1): D=256, 6/6/9 layers, 100 queries and IDs, 8 heads, FFN 2048."""
+        """The paper's sizes: D=256, 6/6/9 layers, 100 queries and IDs, 8 heads, FFN 2048."""
         base = dict(image_size=384, D=256, N_det=100, N_id=100, L_c=6, L_h=6, L_p=9, heads=8, ffn=2048,
                     d_state=16, expand=2, d_conv=4, width=64,
                     class_heads=(("synthetic", 6), ("coco", 80), ("ytvis19", 40), ("ytvis21", 40),
