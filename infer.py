@@ -125,11 +125,11 @@ def _video_ious(d, g, h, w):
     sum over frames of intersections / sum of unions (a frame where one is absent adds the other's area).
     Decodes one frame at a time, so memory does not grow with the video."""
     inter, union = np.zeros((len(d), len(g))), np.zeros((len(d), len(g)))     # (D, G) each
-    for t in range(len(g[0]) if g else 0):
-        dm = np.array([_decode(x[t], h, w).ravel() for x in d], np.float32).reshape(len(d), h * w)  # (D, HW)
-        gm = np.array([_decode(y[t], h, w).ravel() for y in g], np.float32).reshape(len(g), h * w)  # (G, HW)
-        i = dm @ gm.T                                # (D, G) pixel counts, exact in float32 below 2^24
-        inter, union = inter + i, union + dm.sum(1)[:, None] + gm.sum(1)[None] - i
+    for t in range(len(g[0]) if g and d else 0):
+        dm, gm = [_decode(x[t], h, w) for x in d], [_decode(y[t], h, w) for y in g]    # D and G x (h, w)
+        i = np.array([[np.count_nonzero(a & b) for b in gm] for a in dm])             # (D, G)
+        area_d, area_g = np.array([a.sum() for a in dm]), np.array([b.sum() for b in gm])   # (D,), (G,)
+        inter, union = inter + i, union + area_d[:, None] + area_g[None] - i
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
