@@ -115,9 +115,8 @@ def davis_scores(sequences, bound_th=0.008):
 
 def _decode(seg, h, w):
     """A per-frame segmentation (RLE, compressed or not, or polygons) -> bool (h, w); absent (None) = empty."""
-    if seg is None:
-        return np.zeros((h, w), bool)
-    return (rle_decode(seg) if isinstance(seg, dict) else polygons_to_mask(seg, h, w)) > 0
+    return np.zeros((h, w), bool) if seg is None else (
+        rle_decode(seg) if isinstance(seg, dict) else polygons_to_mask(seg, h, w)) > 0
 
 
 def _video_ious(d, g, h, w):
