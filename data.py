@@ -239,7 +239,7 @@ def _background(rng, T, size, moving):
     S = size + 2 * pad
     base = torch.tensor(_hsv(rng.random(), rng.uniform(0, 0.25), rng.uniform(0.3, 0.6)), dtype=torch.float32)
     low = torch.from_numpy(rng.normal(0, 1, (1, 4, 6, 6))).float()
-    low = F.interpolate(low, size=(S, S), mode="bicubic", align_corners=False)[0]               # (4, S, S)
+    low = F.interpolate(low, size=(S, S), mode="bilinear", align_corners=False)[0]              # (4, S, S)
     fine = torch.from_numpy(rng.normal(0, 0.03, (1, 1, S // 2, S // 2))).float()
     fine = F.interpolate(fine, size=(S, S), mode="nearest")[0]                                # (1, S, S)
     bg = base[:, None, None] + 0.08 * low[:1] + 0.03 * low[1:] + fine                          # (3, S, S)
@@ -441,6 +441,7 @@ def _read_clip(video, ts, size, T=None, rng=None):
     none = np.zeros(imgs[0].shape[:2], bool)
     masks = torch.from_numpy(np.array([[a.get(k, none) for a in anns] for k in ids], bool))       # (N, T', h, w)
     masks = masks.reshape(len(ids), len(ts), *none.shape).float()                                  # (N, T', h, w)
+    # EXERCISE: keep the aspect ratio (resize the long side, pad) as the paper does; done: a 2:1 fixture stays 2:1.
     frames = F.interpolate(frames, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)  # (T', 3, s, s)
     masks = F.interpolate(masks, size=(size, size), mode="nearest-exact") > 0.5                   # (N, T', s, s)
     if rng is not None and len(ts) == 1:
@@ -486,12 +487,10 @@ def heldout(spec="synthetic", n=8, T=16, size=128):
     """The fixed evaluation set: n clips of T frames (T=None: whole videos). Synthetic: moving videos whose seeds
     start with a word training never uses; real data: the validation split's first n videos from frame 0."""
     if spec == "synthetic":
-        return [synthetic_clip((_HELDOUT, i), 2, T, size, f"synthetic-val-{i:03d}") for i in range(n)]
-    clips = []
-    for i, v in enumerate(_open(spec, train=False)[:n]):
-        rng = np.random.default_rng([_HELDOUT, i]) if len(v.frames) == 1 else None     # a still: fixed views
-        clips.append(_read_clip(v, list(range(min(T or len(v.frames), len(v.frames)))), size, T or 1, rng))
-    return clips
+        return [synthetic_clip((_HELDOUT, i), 2, T or 16, size, f"synthetic-val-{i:03d}") for i in range(n)]
+    return [_read_clip(v, list(range(min(T or len(v.frames), len(v.frames)))), size, T or 1,
+                       np.random.default_rng([_HELDOUT, i]) if len(v.frames) == 1 else None)  # a still: fixed views
+            for i, v in enumerate(_open(spec, train=False)[:n])]
 
 # ----------------------------------------------------------------------------- writing the synthetic set to disk
 def write_synthetic(fmt, root, num_videos=8, T=16, size=128, split="val", seed=0):

@@ -3,7 +3,6 @@ every reader on a tiny fixture written here, the synthetic generator's determini
 held-out / training split, and each bad-input error."""
 import hashlib
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
