@@ -8,6 +8,8 @@ import torch
 
 import train
 
+torch.set_num_threads(1)  # the shared 2-core box: 2 threads spin-wait much slower than 1
+
 
 def brute_force(C):
     n, m = C.shape
@@ -255,3 +257,121 @@ def test_parallel_and_iterative_give_the_same_loss_and_gradients():
     assert grads[0].keys() == grads[1].keys() and "X_0" in grads[1] and "B" in grads[1]
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+# ----------------------------------------------------------------------------- the training loop
+SMALL = dict(D=32, N_det=6, L_c=1, L_h=1, L_p=2, heads=2, ffn=64, width=16)
+REAL_STEP, REAL_CRITERION = train.train_step, train.criterion
+
+
+def run_main(argv, monkeypatch, fail_at=None, nan_at=None):
+    """train.main on a tiny model at 32x32; records the loss of every step; can crash or give nan at a step."""
+    losses, real_step, real_crit = [], REAL_STEP, REAL_CRITERION
+
+    def step(*a, **k):
+        if fail_at is not None and len(losses) + 1 == fail_at:
+            raise RuntimeError("killed")
+        losses.append(real_step(*a, **k)[0])
+        return losses[-1], {}
+
+    def crit(out, batch):
+        loss, parts = real_crit(out, batch)
+        return (loss * float("nan") if nan_at == len(losses) + 1 else loss), parts
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "criterion", crit)
+    rc = train.main(argv + ["--size", "32", "--batch-size", "2", "--no-eval", "--log-every", "1"], **SMALL)
+    return rc, losses
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    args = ["--max-iters", "6", "--ckpt-every", "3"]
+    rc, full = run_main(args + ["--out", str(tmp_path / "a")], monkeypatch)
+    assert rc == 0 and len(full) == 6
+    with pytest.raises(RuntimeError, match="killed"):
+        run_main(args + ["--out", str(tmp_path / "b")], monkeypatch, fail_at=5)  # dies after the step-3 checkpoint
+    ck = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 3 and {"model", "optimizer", "config", "rng", "stage"} <= set(ck)
+    assert not (tmp_path / "b" / "ckpt.pt.tmp").exists()
+    rc, rest = run_main(args + ["--out", str(tmp_path / "b"), "--resume"], monkeypatch)
+    assert rc == 0 and len(rest) == 3
+    assert rest == pytest.approx(full[3:], rel=1e-6, abs=0)
+    assert "step      6 | loss" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    rc, losses = run_main(["--max-iters", "8", "--ckpt-every", "2", "--out", str(tmp_path)], monkeypatch, nan_at=4)
+    assert rc == 1 and len(losses) == 4 and not np.isfinite(losses[-1])
+    out = capsys.readouterr().out
+    assert "step 4: loss is nan" in out and "(step 2)" in out
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
+
+
+def test_stage3_freezes_the_backbone(tmp_path, monkeypatch):
+    run_main(["--max-iters", "1", "--out", str(tmp_path / "s1")], monkeypatch)
+    rc, _ = run_main(["--stage", "3", "--frames", "3", "--max-iters", "2", "--init", str(tmp_path / "s1" / "ckpt.pt"),
+                      "--out", str(tmp_path / "s3")], monkeypatch)
+    assert rc == 0
+    before = torch.load(tmp_path / "s1" / "ckpt.pt", weights_only=False)["model"]
+    after = torch.load(tmp_path / "s3" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
+    moved = [k for k in before if not k.startswith("backbone.") and not torch.equal(before[k], after[k])]
+    assert any(k.startswith("compressor.") for k in moved) and any(k.startswith("pixel_decoder.") for k in moved)
+
+
+def test_overfitting_one_clip():
+    import ausm
+    import data
+    torch.manual_seed(0)
+    cfg = small_cfg(image_size=64)
+    model = ausm.AUSM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), 3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    batch = train.preprocess([next(data.train_stream(stage=2, T=3, size=64))], cfg, g)
+    losses = [train.train_step(model, opt, batch)[0] for _ in range(150)]
+    assert min(losses[-10:]) < losses[0] / 5, (losses[0], losses[-10:])
+
+
+# ----------------------------------------------------------------------------- DDP: 2 CPU processes
+def _ddp_worker(rank, world, port, batches, init, out):
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    model = _model_from(init)
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # (Adam's first steps hide a gradient scale)
+    h = batches[0]["ids"].shape[0] // world
+    for batch in batches:  # this rank's shard: samples rank*h .. (rank+1)*h - 1
+        train.train_step(net, opt, {k: v[rank * h:(rank + 1) * h] if torch.is_tensor(v) else v for k, v in batch.items()})
+    torch.save(model.state_dict(), out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _model_from(state):
+    import ausm
+    model = ausm.AUSM(small_cfg())
+    model.load_state_dict(state)
+    return model
+
+
+def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
+    import socket
+    import ausm
+    torch.manual_seed(0)
+    init = ausm.AUSM(small_cfg()).state_dict()
+    g = torch.Generator().manual_seed(7)
+    batches = [train.preprocess([random_clip(g, n, T=3, H=32, W=32) for n in (2, 3, 1, 2)], small_cfg(), g)
+               for _ in range(2)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, batches, init, tmp_path), nprocs=2, join=True)
+    model = _model_from(init)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for batch in batches:
+        train.train_step(model, opt, batch)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for k, v in model.state_dict().items():
+        assert torch.equal(r0[k], r1[k]), k
+        torch.testing.assert_close(r0[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert any(not torch.equal(init[k], v) for k, v in model.state_dict().items())
