@@ -1,0 +1,188 @@
+"""kernels.py: every fast path against the PyTorch reference evaluated in float64 (issue 2).
+
+The Triton kernels run in the interpreter here (~2 ms per program per time step), so their cases are tiny:
+few programs (batch x groups x dim-blocks) and short L. Block sizes are lowered to exercise masks, several
+dim-blocks per group and several checkpoint segments.
+"""
+import pytest
+import torch
+
+import kernels
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make(batch, dim, L, dstate, groups, opts="", dtype=torch.float32, seed=0):
+    """Random inputs as a kwargs dict; opts picks the optional ones: D z b(ias) s(oftplus) h(0) 3(d B, C)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)               # noqa: E731
+    bc = (batch, dstate, L) if "3" in opts else (batch, groups, dstate, L)
+    x = dict(u=r(batch, dim, L), delta=0.5 * r(batch, dim, L),
+             A=-0.5 - torch.rand(dim, dstate, generator=g, dtype=torch.float64), B=r(*bc), C=r(*bc),
+             D=r(dim) if "D" in opts else None, z=r(batch, dim, L) if "z" in opts else None,
+             delta_bias=0.3 * r(dim) if "b" in opts else None,
+             initial_state=r(batch, dim, dstate) if "h" in opts else None)
+    if "s" not in opts:
+        x["delta"] = x["delta"].abs()                                              # positive step sizes
+    x = {k: None if v is None else v.to(dtype).requires_grad_() for k, v in x.items()}
+    return x, "s" in opts
+
+
+def run(fn, x, softplus, seed=1):
+    """Outputs (y, last_state) and the gradient of a random linear loss w.r.t. every input given."""
+    y, last = fn(**x, delta_softplus=softplus, return_last_state=True)
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    gl = torch.randn(last.shape, generator=g, dtype=torch.float64)
+    loss = (y.double() * gy).sum() + (last.double() * gl).sum()
+    names = [k for k in NAMES if x[k] is not None]
+    grads = torch.autograd.grad(loss, [x[k] for k in names])
+    return y, last, dict(zip(names, grads))
+
+
+def as64(x):
+    return {k: None if v is None else v.detach().double().requires_grad_() for k, v in x.items()}
+
+
+def check(fn, x, softplus, rtol, atol):
+    """fn on x against the reference on x promoted to float64: outputs, last state, every gradient."""
+    y, last, grads = run(fn, x, softplus)
+    y0, last0, grads0 = run(kernels.selective_scan_ref, as64(x), softplus)
+    assert y.dtype == x["u"].dtype and last.shape == last0.shape
+    torch.testing.assert_close(y.double(), y0, rtol=rtol, atol=atol)
+    torch.testing.assert_close(last.double(), last0, rtol=rtol, atol=atol)
+    for k, g0 in grads0.items():
+        assert grads[k].dtype == x[k].dtype and grads[k].shape == x[k].shape, k
+        torch.testing.assert_close(grads[k].double(), g0, rtol=rtol, atol=atol * g0.abs().max().item(),
+                                   msg=lambda m: f"gradient of {k}: {m}")
+
+
+# (batch, dim, L, dstate, groups, opts, BLOCK_D_MAX, CHECKPOINT_EVERY): programs = batch * groups * dim-blocks
+CASES = [
+    (1, 3, 1, 1, 1, "Dzbsh", 128, 8),     # L = 1, dstate 1, every option
+    (2, 6, 5, 4, 2, "", 128, 8),          # odd L, groups 2, no options, dim per group 3 (masked block of 4)
+    (1, 5, 7, 16, 1, "Dzsh3", 4, 3),      # dim 5 = two blocks of 4, L 7 > 3 steps per checkpoint segment
+    (1, 8, 6, 4, 2, "bsh", 2, 4),         # groups 2 with two blocks each, L = 6 over segments of 4
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}d{}L{}n{}g{}-{}".format(*c[:6]))
+def test_triton_matches_float64_reference(case, monkeypatch):
+    batch, dim, L, dstate, groups, opts, block, every = case
+    monkeypatch.setattr(kernels, "BLOCK_D_MAX", block)
+    monkeypatch.setattr(kernels, "CHECKPOINT_EVERY", every)
+    x, sp = make(batch, dim, L, dstate, groups, opts)
+    check(kernels.selective_scan_triton, x, sp, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 6e-2)], ids=str)
+def test_triton_half_precision(dtype, tol):
+    x, sp = make(1, 6, 4, 4, 2, "Dzbsh", dtype=dtype)
+    check(kernels.selective_scan_triton, x, sp, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}d{}L{}n{}g{}-{}".format(*c[:6]))
+@pytest.mark.parametrize("chunk", [1, 1 << 18], ids=["chunk1", "chunk-default"])
+def test_torch_path_matches_float64_reference(case, chunk, monkeypatch):
+    batch, dim, L, dstate, groups, opts = case[:6]
+    monkeypatch.setattr(kernels, "TORCH_CHUNK", chunk)                            # 1: one sequence per chunk
+    x, sp = make(batch + 2, dim, L, dstate, groups, opts)
+    check(kernels.selective_scan_torch, x, sp, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_path_half_precision():
+    for dtype, tol in ((torch.float16, 1e-2), (torch.bfloat16, 6e-2)):
+        x, sp = make(3, 6, 5, 4, 2, "Dzbsh", dtype=dtype)
+        check(kernels.selective_scan_torch, x, sp, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("fn", [kernels.selective_scan_triton, kernels.selective_scan_torch,
+                                kernels.selective_scan_ref], ids=["triton", "torch", "ref"])
+def test_continuation_equals_one_scan(fn, monkeypatch):
+    """Scanning L = 2 + 3 steps in two calls, the second from the first's last state, is one scan over 5."""
+    monkeypatch.setattr(kernels, "CHECKPOINT_EVERY", 2)
+    x, sp = make(1, 4, 5, 4, 1, "Dzbsh")
+    y, last, grads = run(fn, x, sp)
+    x2 = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in x.items()}
+    part = lambda v, s: None if v is None or v.shape[-1] != 5 else v[..., s]       # noqa: E731
+    common = {k: x2[k] for k in ("A", "D", "delta_bias")}
+    first = {k: part(x2[k], slice(0, 2)) for k in ("u", "delta", "B", "C", "z")}
+    y1, h1 = fn(**first, **common, delta_softplus=sp, return_last_state=True, initial_state=x2["initial_state"])
+    rest = {k: part(x2[k], slice(2, 5)) for k in ("u", "delta", "B", "C", "z")}
+    y2, h2 = fn(**rest, **common, delta_softplus=sp, return_last_state=True, initial_state=h1)
+    torch.testing.assert_close(torch.cat([y1, y2], -1), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2, last, rtol=1e-5, atol=1e-5)
+    g = torch.Generator().manual_seed(1)                                           # the same cotangents as run()
+    gy, gl = torch.randn(y.shape, generator=g, dtype=torch.float64), torch.randn(last.shape, generator=g,
+                                                                                  dtype=torch.float64)
+    loss = (torch.cat([y1, y2], -1).double() * gy).sum() + (h2.double() * gl).sum()
+    split = torch.autograd.grad(loss, [x2[k] for k in grads])
+    for (k, g1), g2 in zip(grads.items(), split):
+        torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-5 * g1.abs().max().item(), msg=k)
+
+
+@pytest.mark.parametrize("fn", [kernels.selective_state_update_triton, kernels.selective_state_update_ref],
+                         ids=["triton", "ref"])
+@pytest.mark.parametrize("opts", ["Dzbs", "3"])
+def test_state_update_steps_equal_one_scan(fn, opts):
+    x, sp = make(2, 6, 4, 4, 2, opts + "h")
+    x = {k: None if v is None else v.detach() for k, v in x.items()}
+    y, last = kernels.selective_scan_ref(**as64(x), delta_softplus=sp, return_last_state=True)
+    state = x["initial_state"].clone()
+    ys = [fn(state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t], x["C"][..., t], x["D"],
+             None if x["z"] is None else x["z"][..., t], x["delta_bias"], sp) for t in range(4)]
+    torch.testing.assert_close(torch.stack(ys, -1).double(), y.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.double(), last.detach(), rtol=1e-5, atol=1e-5)   # updated in place
+
+
+def test_reference_gradcheck_float64():
+    x, sp = make(2, 4, 3, 2, 2, "Dzbsh", dtype=torch.float64)
+    names = [k for k in NAMES if x[k] is not None]
+
+    def f(*args):
+        return kernels.selective_scan_ref(**dict(zip(names, args)), delta_softplus=sp, return_last_state=True)
+    assert torch.autograd.gradcheck(f, [x[k] for k in names])
+
+
+def test_noncontiguous_inputs():
+    x, sp = make(2, 4, 3, 4, 2, "Dzbh")
+    xt = {k: None if v is None else v.detach().transpose(0, -1).contiguous().transpose(0, -1) for k, v in x.items()}
+    assert not xt["u"].is_contiguous()
+    y0 = kernels.selective_scan_ref(**as64(x), delta_softplus=sp).detach()
+    for fn in (kernels.selective_scan_triton, kernels.selective_scan_torch):
+        torch.testing.assert_close(fn(**xt, delta_softplus=sp).double(), y0, rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_override(monkeypatch):
+    x, sp = make(2, 4, 3, 4, 1, "D")
+    y0 = kernels.selective_scan_ref(**x)
+    for path in ("auto", "torch", "ref", "triton"):
+        monkeypatch.setattr(kernels, "SCAN_PATH", path)
+        torch.testing.assert_close(kernels.selective_scan(**x), y0, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(kernels, "SCAN_PATH", "cuda")
+    with pytest.raises(ValueError, match="SCAN_PATH"):
+        kernels.selective_scan(**x)
+
+
+def test_bad_inputs_raise_value_errors():
+    x, _ = make(2, 4, 3, 4, 2, "Dz")
+    x = {k: v.detach() for k, v in x.items() if v is not None}
+    bad = [
+        (dict(delta=x["delta"][..., :2]), r"delta must have shape \(2, 4, 3\), got \(2, 4, 2\)"),
+        (dict(A=x["A"][:3]), r"A must have shape \(dim=4, dstate\), got \(3, 4\)"),
+        (dict(B=torch.randn(2, 3, 4, 3), C=torch.randn(2, 3, 4, 3)), "dim=4 must be divisible by groups=3"),
+        (dict(C=x["C"][:, :1]), r"C must have shape \(2, 2, 4, 3\), got \(2, 1, 4, 3\)"),
+        (dict(D=torch.randn(5)), r"D must have shape \(4,\), got \(5,\)"),
+        (dict(u=x["u"].long()), "u must be a real floating tensor.*torch.int64"),
+        (dict(A=torch.complex(x["A"], x["A"])), "A must be a real floating tensor.*complex64"),
+        (dict(z=x["z"].to("meta")), "z is on meta but u/x is on cpu"),
+        (dict(u=x["u"][0]), r"u must have 3 dims, got shape \(4, 3\)"),
+    ]
+    for fn in (kernels.selective_scan_ref, kernels.selective_scan_triton, kernels.selective_scan_torch):
+        for change, msg in bad:
+            with pytest.raises(ValueError, match=msg):
+                fn(**{**x, **change})
+    state = torch.zeros(2, 4, 3)                                                   # dstate 3, A says 4
+    with pytest.raises(ValueError, match=r"state must have shape \(2, 4, 4\), got \(2, 4, 3\)"):
+        kernels.selective_state_update(state, x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0],
+                                       x["C"][..., 0])
