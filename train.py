@@ -243,17 +243,18 @@ def train_step(model, opt, batch, iterative=False, clip=1.0):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["frames"].is_cuda):
         out = forward(model, batch, iterative)
     loss, parts = criterion(out, batch)
-    total = loss.detach().clone()
+    total = torch.tensor([loss.item(), *parts.values()], device=loss.device)  # (1 + 6,)
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)  # every rank sees the same value (and stops together on nan)
+        torch.distributed.all_reduce(total)  # every rank sees the same values (and stops together on nan)
         total /= torch.distributed.get_world_size()
-    if not torch.isfinite(total):
-        return total.item(), parts
+    total, parts = total[0].item(), dict(zip(parts, total[1:].tolist()))
+    if not math.isfinite(total):
+        return total, parts
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
     opt.step()
-    return total.item(), parts
+    return total, parts
 
 
 # ----------------------------------------------------------------------------- checkpoints, schedule, evaluation

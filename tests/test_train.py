@@ -375,3 +375,15 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
         assert torch.equal(r0[k], r1[k]), k
         torch.testing.assert_close(r0[k], v, rtol=1e-4, atol=1e-5, msg=k)
     assert any(not torch.equal(init[k], v) for k, v in model.state_dict().items())
+
+
+def test_torchrun_cli_two_processes(tmp_path):
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--max-iters", "2",
+           "--size", "32", "--batch-size", "1", "--no-eval", "--log-every", "1", "--out", str(tmp_path)]
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "x 2 |" in res.stdout and res.stdout.count("step      2 | loss") == 1  # rank 0 alone logs
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
