@@ -206,16 +206,6 @@ def criterion(out, batch):
 
 
 # ----------------------------------------------------------------------------- both forms of the model
-def _state_update_with_grad(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """kernels.selective_state_update overwrites the state in place (inference), which autograd cannot
-    differentiate; the iterative trainer runs the differentiable scan at L = 1 instead (same math)."""
-    y, new = kernels.selective_scan(x[..., None], dt[..., None], A, B[..., None], C[..., None], D,
-                                    None if z is None else z[..., None], dt_bias, dt_softplus,
-                                    return_last_state=True, initial_state=state.clone())  # (b, d, 1), (b, d, n)
-    state.copy_(new)  # (b, d, n): Mamba.step hands us a fresh clone; autograd records the copy
-    return y[..., 0]  # (b, d)
-
-
 def forward(model, batch, iterative=False):
     """Parallel form (Alg. 2: one scan over T) or the iterative baseline (Alg. 1's model.step frame by frame,
     SAM2-style) with the same teacher-forced history. Both -> out with the T axis: (P, B, T, Q, ...)."""
@@ -224,16 +214,11 @@ def forward(model, batch, iterative=False):
         return model(frames, ids, history, tracked, batch["dataset"])
     Bsz, T, _, H, W = frames.shape  # (B, T, 3, H, W)
     state = model.init_state(Bsz, ids.shape[1], H, W, ids=ids)
-    state.X_prev = model.X_0.view(1, -1, 1, 1).expand_as(state.X_prev)  # (B, D, h, w); keep X_0 in the graph
-    outs, inference_update = [], ausm.selective_state_update
-    ausm.selective_state_update = _state_update_with_grad
-    try:
-        for t in range(T):  # teacher forcing: A_{t-1} = tracked slots, M_{t-1} = ground truth
-            state.alloc, state.M = tracked[:, t], history[:, t]  # (B, N), (B, N, H, W)
-            out, state = model.step(frames[:, t], state, batch["dataset"])  # (P, B, Q, ...)
-            outs.append(out)
-    finally:
-        ausm.selective_state_update = inference_update
+    outs = []
+    for t in range(T):  # teacher forcing: A_{t-1} = tracked slots, M_{t-1} = ground truth
+        state.alloc, state.M = tracked[:, t], history[:, t]  # (B, N), (B, N, H, W)
+        out, state = model.step(frames[:, t], state, batch["dataset"])  # (P, B, Q, ...); autograd through state
+        outs.append(out)
     return {k: None if outs[0][k] is None else torch.stack([o[k] for o in outs], 2) for k in outs[0]}
 
 
