@@ -279,7 +279,7 @@ def evaluate(model, cfg, out_dir=None):
 
 
 # ----------------------------------------------------------------------------- the command line
-PRESETS = {"tiny": dict(batch_size=4, lr=1e-3, iters={1: 400, 2: 400, 3: 200}, time_limit=13.0),
+PRESETS = {"tiny": dict(batch_size=4, lr=1e-3, iters={1: 1000, 2: 600, 3: 200}, time_limit=13.0),
            "paper": dict(batch_size=16, lr=1e-4, iters={1: 147_500, 2: 32_000, 3: 40_000}, time_limit=0.0)}
 
 
@@ -302,6 +302,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     ap.add_argument("--iterative", action="store_true", help="train frame by frame through model.step (SAM2-style)")
     ap.add_argument("--benchmark", action="store_true", help="time both forms at T = 1..16 (paper Fig. 4) and exit")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch; more threads can spin-wait and run "
+                    "10x slower on a shared machine (0 = torch's default: try it on a quiet many-core one)")
     ap.add_argument("--log-every", type=int, default=10, help="iterations per log line")
     ap.add_argument("--ckpt-every", type=int, default=100, help="iterations between checkpoints")
     ap.add_argument("--seed", type=int, default=0, help="seed of the model init, the data and the switch times")
@@ -342,6 +344,8 @@ def main(argv=None, **overrides):
             raise ValueError("--iterative and --benchmark run in one process; launch without torchrun")
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ckpt = os.path.join(args.out, "ckpt.pt")
     ck = load_checkpoint(ckpt if args.resume else args.init) if args.resume or args.init else None
     resume = ck if args.resume else None
