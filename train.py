@@ -21,6 +21,7 @@ per batch), Mask2Former's point sampling and backbone lr multiplier.
 import argparse
 import dataclasses
 import itertools
+import json
 import math
 import os
 import sys
@@ -270,11 +271,14 @@ def evaluate(model, cfg, out_dir=None):
     """End-of-run evaluation (issue 7): infer.py's Segmenter on data.heldout("synthetic"), prompted J&F
     (DAVIS protocol) and unprompted video AP (YouTube-VIS protocol). Returns a dict of scores, or None."""
     import infer
-    if not hasattr(infer, "Segmenter") or not hasattr(infer, "evaluate_heldout"):
+    if not hasattr(infer, "evaluate_heldout"):  # issue 6 / 7: infer.py provides the Segmenter loop
         print("evaluation skipped: infer.py has no Segmenter / evaluate_heldout yet")
         return None
-    scores = infer.evaluate_heldout(model, cfg)  # EXERCISE: wire in once infer.py lands (issue 7)
-    print("heldout synthetic | " + " | ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    scores = infer.evaluate_heldout(model, "synthetic")  # {"J&F": ..., "AP": ..., ...}
+    print("heldout synthetic | " + " | ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
+    if out_dir:
+        with open(os.path.join(out_dir, "eval.json"), "w") as f:
+            json.dump(scores, f, indent=1)
     return scores
 
 
@@ -371,7 +375,8 @@ def main(argv=None, **overrides):
               f"{'step %d of %s' % (step, args.out) if resume else args.init or 'scratch'}", flush=True)
     if args.benchmark:
         return benchmark(model, opt, cfg, args, device)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    unused = any(name != args.data.partition(":")[0] for name, _ in cfg.class_heads)  # other datasets' heads
+    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if world > 1 else model
     (stream, gen), sums, n, t_start, t_log = data_from(args, step, rank, world), {}, 0, time.time(), time.time()
     while step < args.max_iters:
         batch = to_device(preprocess([next(stream) for _ in range(args.batch_size)], cfg, gen), device)

@@ -387,3 +387,8 @@ def test_torchrun_cli_two_processes(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "x 2 |" in res.stdout and res.stdout.count("step      2 | loss") == 1  # rank 0 alone logs
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
+
+
+def test_stage2_without_a_stage1_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="stage 1"):
+        train.main(["--stage", "2", "--init", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
