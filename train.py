@@ -12,11 +12,13 @@ What differs ([D] = our decision in ../shared/AUSM.md):
     give t_i = 0 with prob. 0.5 to objects visible in frame 1 (y_1 painted on X_0).
   - Losses on the full stride-4 mask (no point sampling), targets area-downsampled to H/4 (soft); one
     foreground logit for every dataset plus the dataset's class head where it has classes.
-  - Loss normalisers are summed over DDP ranks: N ranks give one process's gradients on the combined batch.
+  - The paper sums L over t; we average every term over its targets (queries, masks) in the batch as
+    Mask2Former averages over images, so the scale does not grow with T. The normalisers are summed over
+    DDP ranks: N ranks give exactly one process's gradients on the combined batch. Gradient norm clip 1.
   - Tiny preset: small model from scratch, higher lr, short schedule (no COCO Mask2Former weights here).
   - Data and switch times restart from step-derived seeds at each checkpoint, so --resume is exact.
 Left out: the VITA-style augmentation (data.py makes the clips), mixed-dataset batches (one dataset
-per batch), Mask2Former's point sampling and backbone lr multiplier.
+per batch), Mask2Former's point sampling and backbone lr multiplier, --iterative under torchrun.
 """
 import argparse
 import dataclasses
@@ -183,6 +185,7 @@ def criterion(out, batch):
             idx = lab.clamp(min=0)[None, :, :, None, :].expand(P, -1, -1, Q - N, -1)  # (P, B, T, Nd, N)
             cost = cost - W_CLS * prob.gather(-1, idx) * (lab >= 0)[None, :, :, None, :]
         cost, det = cost.cpu().numpy(), batch["det"].cpu().numpy()
+        cost = np.nan_to_num(cost, nan=1e9, posinf=1e9, neginf=-1e9)  # diverged: the loss, not the matcher, says so
     picks = [[], [], [], [], []]  # p, b, t, q, n
     for pi, bi, ti in itertools.product(range(P), range(Bsz), range(T)):
         cand = np.flatnonzero(det[bi, ti])

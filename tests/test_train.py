@@ -261,24 +261,24 @@ def test_parallel_and_iterative_give_the_same_loss_and_gradients():
 
 # ----------------------------------------------------------------------------- the training loop
 SMALL = dict(D=32, N_det=6, L_c=1, L_h=1, L_p=2, heads=2, ffn=64, width=16)
-REAL_STEP, REAL_CRITERION = train.train_step, train.criterion
+REAL_STEP, REAL_FORWARD = train.train_step, train.forward
 
 
 def run_main(argv, monkeypatch, fail_at=None, nan_at=None):
     """train.main on a tiny model at 32x32; records the loss of every step; can crash or give nan at a step."""
-    losses, real_step, real_crit = [], REAL_STEP, REAL_CRITERION
+    losses = []
 
     def step(*a, **k):
         if fail_at is not None and len(losses) + 1 == fail_at:
             raise RuntimeError("killed")
-        losses.append(real_step(*a, **k)[0])
+        losses.append(REAL_STEP(*a, **k)[0])
         return losses[-1], {}
 
-    def crit(out, batch):
-        loss, parts = real_crit(out, batch)
-        return (loss * float("nan") if nan_at == len(losses) + 1 else loss), parts
+    def forward(*a, **k):  # a diverged model: nan logits
+        out = REAL_FORWARD(*a, **k)
+        return {k: v * float("nan") if nan_at == len(losses) + 1 and v is not None else v for k, v in out.items()}
     monkeypatch.setattr(train, "train_step", step)
-    monkeypatch.setattr(train, "criterion", crit)
+    monkeypatch.setattr(train, "forward", forward)
     rc = train.main(argv + ["--size", "32", "--batch-size", "2", "--no-eval", "--log-every", "1"], **SMALL)
     return rc, losses
 
