@@ -258,8 +258,8 @@ def save_checkpoint(path, model, opt, step, cfg, args):
 
 def load_checkpoint(path):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found: train the previous stage first "
-                                f"(python train.py --stage 1) or pass --init / --out with an existing one")
+        raise FileNotFoundError(f"checkpoint {path} not found: for --stage 2 / 3 train the previous stage first "
+                                f"(python train.py --stage 1) or pass --init CKPT; --resume reads <--out>/ckpt.pt")
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
