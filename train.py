@@ -277,7 +277,8 @@ def evaluate(model, cfg, out_dir=None):
     if not hasattr(infer, "evaluate_heldout"):  # issue 6 / 7: infer.py provides the Segmenter loop
         print("evaluation skipped: infer.py has no Segmenter / evaluate_heldout yet")
         return None
-    scores = infer.evaluate_heldout(model, "synthetic")  # {"J&F": ..., "AP": ..., ...}
+    with torch.no_grad():
+        scores = infer.evaluate_heldout(model, cfg)  # {"J&F", "J", "F", "AP", "AP50", "AR10"}
     print("heldout synthetic | " + " | ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
     if out_dir:
         with open(os.path.join(out_dir, "eval.json"), "w") as f:

@@ -392,3 +392,17 @@ def test_torchrun_cli_two_processes(tmp_path):
 def test_stage2_without_a_stage1_checkpoint_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="stage 1"):
         train.main(["--stage", "2", "--init", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
+
+
+def test_end_of_run_evaluation_hook_writes_eval_json(tmp_path, monkeypatch, capsys):
+    import sys
+    from types import SimpleNamespace
+    seen = []
+    fake = SimpleNamespace(evaluate_heldout=lambda model, cfg: seen.append(cfg.image_size) or {"J&F": 0.5, "AP": 0.25})
+    monkeypatch.setitem(sys.modules, "infer", fake)
+    assert train.evaluate(None, small_cfg(), str(tmp_path)) == {"J&F": 0.5, "AP": 0.25} and seen == [32]
+    assert __import__("json").loads((tmp_path / "eval.json").read_text()) == {"J&F": 0.5, "AP": 0.25}
+    assert "J&F 0.500 | AP 0.250" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "infer", SimpleNamespace())  # infer.py without the hook yet
+    assert train.evaluate(None, small_cfg(), str(tmp_path / "none")) is None
+    assert "evaluation skipped" in capsys.readouterr().out
