@@ -21,13 +21,14 @@ backward). selective_scan dispatches; selective_state_update advances the state 
 Differs from mamba_ssm: real A only; B, C depend on time (no time-invariant variant); no fused in-projection.
 Left out: complex A, the fused causal conv, variable-length sequences.
 
-Cost (for a GPU reader), per scan, with s bytes per input element, fp32 state, E = b*d*l, S = b*d*n:
-    bytes moved   forward  ~ E*(2 + [z])*s + E*s (out) + 2*b*g*n*l*s (B, C) + 4*S*(1 + l/CHECKPOINT_EVERY)
-                  backward ~ 2x forward + the gradients (same sizes as the inputs, fp32 partials for B, C, A)
-    FLOPs         forward  ~ E*n*(1 exp + 6);  backward ~ E*n*(c/2 + 1)*(1 exp + 4) + E*n*12, c = CHECKPOINT_EVERY
-Arithmetic intensity is ~n*7 FLOPs per s*3 bytes: at dstate 16 in fp32 that is ~9 FLOP/byte, at the ridge
-of an H100 for fp32 FMA (~60 TFLOP/s over 3.3 TB/s ~ 18) but the exp runs on the slower SFU (1/4 the rate),
-so dstate >= 16 is compute (exp) bound and dstate <= 4 or bf16 inputs at dstate 1 are bandwidth bound.
+Cost (for a GPU reader): E = b*d*l, n = dstate, s = bytes per input element, c = CHECKPOINT_EVERY.
+    forward   bytes ~ E*s*(3 + [z]) + 2*b*g*n*l*s (B, C) + 4*b*d*n*ceil(l/c) (checkpoints, fp32)
+              FLOPs ~ 6*E*n, plus E*n exps (the SFU runs exp2 at ~1/8 of the FMA rate: count each as ~8)
+    backward  bytes ~ E*(s*(4 + [z]) + 4*(3 + [z])) + 8*b*g*n*l*blocks + 4*b*d*n*(ceil(l/c) + 2)
+              FLOPs ~ E*n*(14 + 2*(c-1)), plus E*n*(c+1)/2 exps (the recomputation)
+At dstate 16 the forward does ~220 FLOP-equivalents per ~25 (fp32) or ~17 (bf16) bytes per (b, d, t):
+9-13 FLOP/byte, under an H100's ridge (~67 TFLOP/s / 3.35 TB/s = 20): bandwidth bound, so GB/s against the
+peak is its yardstick. The backward, and the forward from dstate ~32 up, are compute (exp) bound.
 """
 import os
 import sys
@@ -50,11 +51,9 @@ _announced = set()
 # ----------------------------------------------------------------------------- input validation
 def _check(name, x, shape, device, ndim=None):
     """Raise ValueError unless x is a real floating tensor on `device` with `shape` (None = any)."""
-    if not torch.is_tensor(x):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.is_complex() or not x.is_floating_point():
-        raise ValueError(f"{name} must be a real floating tensor (float16/bfloat16/float32/float64), "
-                         f"got dtype {x.dtype}")
+    if not torch.is_tensor(x) or x.is_complex() or not x.is_floating_point():
+        raise ValueError(f"{name} must be a real floating tensor (float16/bfloat16/float32/float64), got "
+                         f"{x.dtype if torch.is_tensor(x) else type(x).__name__}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but u/x is on {device}: put every input on one device")
     if ndim is not None and x.dim() not in ndim:
@@ -65,22 +64,19 @@ def _check(name, x, shape, device, ndim=None):
 
 def _validate(u, delta, A, B, C, D, z, bias, h0, step=False):
     """Check the whole argument list; return (batch, dim, dstate, groups). step=True: no L axis."""
-    _check("x" if step else "u", u, None, u.device if torch.is_tensor(u) else None, (2,) if step else (3,))
-    batch, dim = u.shape[:2]
-    tail = () if step else (u.shape[2],)
+    _check("x" if step else "u", u, None, getattr(u, "device", None), (2,) if step else (3,))
+    (batch, dim), tail = u.shape[:2], tuple(u.shape[2:])
     _check("dt" if step else "delta", delta, u.shape, u.device)
     _check("A", A, None, u.device, (2,))
     if A.shape[0] != dim:
         raise ValueError(f"A must have shape (dim={dim}, dstate), got {tuple(A.shape)}")
-    dstate = A.shape[1]
     _check("B", B, None, u.device, (2 + len(tail), 3 + len(tail)))
-    groups = B.shape[1] if B.dim() == 3 + len(tail) else 1
+    groups, dstate = B.shape[1] if B.dim() == 3 + len(tail) else 1, A.shape[1]
     if dim % groups != 0:
         raise ValueError(f"dim={dim} must be divisible by groups={groups} (B has shape {tuple(B.shape)})")
-    want = (batch, groups, dstate) + tail if B.dim() == 3 + len(tail) else (batch, dstate) + tail
-    _check("B", B, want, u.device)
-    _check("C", C, want, u.device)
-    for name, x, shp in (("D", D, (dim,)), ("z", z, u.shape), ("dt_bias" if step else "delta_bias", bias, (dim,)),
+    want = ((batch, groups) if B.dim() == 3 + len(tail) else (batch,)) + (dstate,) + tail
+    for name, x, shp in (("B", B, want), ("C", C, want), ("D", D, (dim,)), ("z", z, u.shape),
+                         ("dt_bias" if step else "delta_bias", bias, (dim,)),
                          ("state" if step else "initial_state", h0, (batch, dim, dstate))):
         if x is not None:
             _check(name, x, shp, u.device)
@@ -93,16 +89,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """The specification: materialise exp(delta*A) for all steps, loop over L, let autograd differentiate.
     Accumulates in float32 (float64 if any input is float64). y in u's dtype, last_state float32/64."""
     batch, dim, dstate, groups = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    wt = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype, B.dtype) else torch.float32
-    delta = delta.to(wt)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(wt)[:, None]                                 # (b, d, l)
-    if delta_softplus:
-        delta = F.softplus(delta)
-    B = B.to(wt).reshape(batch, groups, 1, dstate, -1)                             # (b, g, 1, n, l)
-    B = B.expand(-1, -1, dim // groups, -1, -1).reshape(batch, dim, dstate, -1)     # (b, d, n, l)
-    C = C.to(wt).reshape(batch, groups, 1, dstate, -1)
-    C = C.expand(-1, -1, dim // groups, -1, -1).reshape(batch, dim, dstate, -1)     # (b, d, n, l)
+    wt, delta = _delta(u, delta, A, B, delta_bias, delta_softplus)                # (b, d, l)
+    B, C = (X.to(wt).reshape(batch, groups, dstate, -1).repeat_interleave(dim // groups, 1)
+            for X in (B, C))                                                       # (b, d, n, l)
     deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A.to(wt)))              # (b, d, l, n)
     deltaB_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u.to(wt))             # (b, d, l, n)
     h = initial_state.to(wt) if initial_state is not None else u.new_zeros(batch, dim, dstate, dtype=wt)
@@ -110,12 +99,21 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     for t in range(u.shape[2]):
         h = deltaA[:, :, t] * h + deltaB_u[:, :, t]                                # (b, d, n)
         ys.append(torch.einsum("bdn,bdn->bd", h, C[..., t]))                       # (b, d)
-    y = torch.stack(ys, dim=-1)                                                    # (b, d, l)
-    if D is not None:
-        y = y + u.to(wt) * D.to(wt)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(wt))
-    return (y.to(u.dtype), h) if return_last_state else y.to(u.dtype)
+    y = _gate(torch.stack(ys, dim=-1), u, D, z)                                    # (b, d, l)
+    return (y, h) if return_last_state else y
+
+
+def _delta(u, delta, A, B, bias, softplus):
+    """The working dtype (float32, float64 if any input is) and delta + bias, softplus'ed if asked."""
+    wt = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype, B.dtype) else torch.float32
+    delta = delta.to(wt) + (bias.to(wt)[:, None] if bias is not None else 0)     # (b, d, l)
+    return wt, F.softplus(delta) if softplus else delta
+
+
+def _gate(y, u, D, z):
+    """(y + D u) * silu(z), each term optional, returned in u's dtype."""
+    y = y + u.to(y.dtype) * D.to(y.dtype)[:, None] if D is not None else y
+    return (y * F.silu(z.to(y.dtype)) if z is not None else y).to(u.dtype)
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
@@ -140,12 +138,22 @@ def _sigmoid(x):   # exp(-|x|) never overflows
 
 
 @triton.jit
-def _load_delta(dt_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """delta_t as the scan uses it, and the raw value softplus saw (for its derivative)."""
-    raw = tl.load(dt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        raw = raw + bias
-    return (_softplus(raw) if SOFTPLUS else raw), raw
+def _tile(dim, dstate, dim_g, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's channels d (BD,) of group g, state indices n (BN,) and their masks."""
+    g, blk = tl.program_id(1), tl.program_id(2)
+    local = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    mask_d, mask_n = local < dim_g, n < dstate
+    return g * dim_g + local, n, mask_d, mask_n, mask_d[:, None] & mask_n[None, :]
+
+
+@triton.jit
+def _load_step(u_ptr, dt_ptr, B_ptr, row, bc, bias, mask_d, mask_n, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """u_t (BD,), delta_t as the scan uses it (BD,), the raw value softplus saw, and B_t (BN,), all fp32."""
+    u = tl.load(u_ptr + row, mask=mask_d, other=0.0).to(tl.float32)
+    raw = tl.load(dt_ptr + row, mask=mask_d, other=0.0).to(tl.float32) + bias
+    Bt = tl.load(B_ptr + bc, mask=mask_n, other=0.0).to(tl.float32)
+    return u, (_softplus(raw) if SOFTPLUS else raw), raw, Bt
 
 
 @triton.jit
@@ -154,28 +162,19 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (b, g, block): channels of group g in this block, all of dstate; loops over t = 0..L-1."""
-    b, g, blk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    groups = tl.num_programs(1)
-    local = blk * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = local < dim_g
-    d = g * dim_g + local                                                          # (BLOCK_D,) channel
-    n = tl.arange(0, BLOCK_N)
-    mask_n = n < dstate
-    mask = mask_d[:, None] & mask_n[None, :]
+    b, groups = tl.program_id(0), tl.num_programs(1)
+    d, n, mask_d, mask_n, mask = _tile(dim, dstate, dim_g, BLOCK_D, BLOCK_N)
     A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mask, other=0.0).to(tl.float32)  # (BD, BN)
     Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
     bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     row = (b * dim + d) * L                                                        # u, delta, z, out rows
-    bc = ((b * groups + g) * dstate + n) * L                                       # B, C rows
-    state_off = (b * dim + d[:, None]) * dstate + n[None, :]
+    bc = ((b * groups + tl.program_id(1)) * dstate + n) * L                        # B, C rows
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     if HAS_H0:
-        h = tl.load(h0_ptr + state_off, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(h0_ptr + (b * dim + d[:, None]) * dstate + n[None, :], mask=mask, other=0.0).to(tl.float32)
     for t in range(L):
-        u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)       # (BD,)
-        delta, _ = _load_delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)      # (BN,)
-        Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
+        u, delta, _, Bt = _load_step(u_ptr, dt_ptr, B_ptr, row + t, bc + t, bias, mask_d, mask_n, HAS_BIAS, SOFTPLUS)
+        Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)      # (BN,)
         h = tl.exp(delta[:, None] * A) * h + (delta * u)[:, None] * Bt[None, :]   # (BD, BN)
         y = tl.sum(h * Ct[None, :], axis=1) + Dv * u                              # (BD,)
         if HAS_Z:
@@ -189,27 +188,21 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
 
 
 @triton.jit
-def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, ckpt_ptr, dout_ptr, dlast_ptr,
-                     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dh0_ptr,
+def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, ckpt_ptr, dout_ptr,
+                     dlast_ptr, du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dh0_ptr,
                      dim, L, dstate, dim_g, n_ckpt, every,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Reverse-time scan t = L-1..0 carrying the adjoint dh_t = dL/dh_t; h_{t-1} is recomputed from the
+    """Reverse-time scan t = L-1..0 carrying the adjoint dh_t = dLoss/dh_t; h_{t-1} is recomputed from the
     checkpoint before t's segment. dA, dD, dB, dC are written as per-program partials (summed in PyTorch)."""
-    b, g, blk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    groups, n_blk = tl.num_programs(1), tl.num_programs(2)
-    local = blk * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = local < dim_g
-    d = g * dim_g + local
-    n = tl.arange(0, BLOCK_N)
-    mask_n = n < dstate
-    mask = mask_d[:, None] & mask_n[None, :]
+    b, g, groups, n_blk = tl.program_id(0), tl.program_id(1), tl.num_programs(1), tl.num_programs(2)
+    d, n, mask_d, mask_n, mask = _tile(dim, dstate, dim_g, BLOCK_D, BLOCK_N)
     A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mask, other=0.0).to(tl.float32)  # (BD, BN)
     Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
     bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     row = (b * dim + d) * L
     bc = ((b * groups + g) * dstate + n) * L
-    part = ((b * groups + g) * n_blk + blk) * dstate * L + n * L                   # dB, dC partial rows
+    part = ((b * groups + g) * n_blk + tl.program_id(2)) * dstate * L + n * L      # dB, dC partial rows
     state_off = (b * dim + d[:, None]) * dstate + n[None, :]
     dh = tl.load(dlast_ptr + state_off, mask=mask, other=0.0)                     # adjoint of h_t, t = L-1
     dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
@@ -223,15 +216,13 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
         if HAS_H0:
             h += tl.load(h0_ptr + state_off, mask=mask & (segs == 0), other=0.0).to(tl.float32)
         for s in range(seg * every, t):                                            # recompute h_{t-1}
-            us = tl.load(u_ptr + row + s, mask=mask_d, other=0.0).to(tl.float32)
-            ds, _ = _load_delta(dt_ptr, bias, row + s, mask_d, HAS_BIAS, SOFTPLUS)
-            Bs = tl.load(B_ptr + bc + s, mask=mask_n, other=0.0).to(tl.float32)
+            us, ds, _, Bs = _load_step(u_ptr, dt_ptr, B_ptr, row + s, bc + s, bias, mask_d, mask_n, HAS_BIAS,
+                                       SOFTPLUS)
             h = tl.exp(ds[:, None] * A) * h + (ds * us)[:, None] * Bs[None, :]
-        u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)       # (BD,)
-        delta, raw = _load_delta(dt_ptr, bias, row + t, mask_d, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)      # (BN,)
-        Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)
-        dy = tl.load(dout_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
+        u, delta, raw, Bt = _load_step(u_ptr, dt_ptr, B_ptr, row + t, bc + t, bias, mask_d, mask_n, HAS_BIAS,
+                                       SOFTPLUS)
+        Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)      # (BN,)
+        dy = tl.load(dout_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)   # (BD,)
         a = tl.exp(delta[:, None] * A)                                             # (BD, BN)
         ah = a * h                                                                 # a_t * h_{t-1}
         h = ah + (delta * u)[:, None] * Bt[None, :]                                # h_t
@@ -258,38 +249,6 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     tl.store(dD_ptr + b * dim + d, dD, mask=mask_d)
 
 
-@triton.jit
-def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
-                         dim, dstate, dim_g, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One step of the forward kernel's loop body, reading and writing the state in memory (in place)."""
-    b, g, blk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    groups = tl.num_programs(1)
-    local = blk * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = local < dim_g
-    d = g * dim_g + local
-    n = tl.arange(0, BLOCK_N)
-    mask_n = n < dstate
-    mask = mask_d[:, None] & mask_n[None, :]
-    state_off = (b * dim + d[:, None]) * dstate + n[None, :]
-    h = tl.load(state_ptr + state_off, mask=mask, other=0.0).to(tl.float32)      # (BD, BN)
-    A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mask, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    x = tl.load(x_ptr + b * dim + d, mask=mask_d, other=0.0).to(tl.float32)      # (BD,)
-    delta, _ = _load_delta(dt_ptr, bias, b * dim + d, mask_d, HAS_BIAS, SOFTPLUS)
-    Bt = tl.load(B_ptr + (b * groups + g) * dstate + n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
-    Ct = tl.load(C_ptr + (b * groups + g) * dstate + n, mask=mask_n, other=0.0).to(tl.float32)
-    h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bt[None, :]
-    tl.store(state_ptr + state_off, h, mask=mask)
-    y = tl.sum(h * Ct[None, :], axis=1)
-    if HAS_D:
-        y += tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32) * x
-    if HAS_Z:
-        zt = tl.load(z_ptr + b * dim + d, mask=mask_d, other=0.0).to(tl.float32)
-        y = y * zt * _sigmoid(zt)
-    tl.store(out_ptr + b * dim + d, y, mask=mask_d)
-
-
 def _launch(dim, dstate, groups):
     """Block sizes (powers of two) and the number of dim-blocks per group."""
     dim_g = dim // groups
@@ -297,25 +256,29 @@ def _launch(dim, dstate, groups):
     return dim_g, block_d, triton.next_power_of_2(dstate), triton.cdiv(dim_g, block_d)
 
 
+def _forward(u, delta, A, B, C, D, z, bias, h0, softplus, ckpt):
+    """Run the forward kernel; ckpt (b, cdiv(L, CHECKPOINT_EVERY), d, n) receives the checkpoints."""
+    (batch, dim, L), dstate, groups = u.shape, A.shape[1], B.shape[1]
+    dim_g, block_d, block_n, n_blk = _launch(dim, dstate, groups)
+    out = torch.empty_like(u)                                                      # (b, d, l)
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=bool(softplus),
+                 HAS_H0=h0 is not None, BLOCK_D=block_d, BLOCK_N=block_n)
+    _scan_fwd_kernel[(batch, groups, n_blk)](u, delta, A, B, C, *[x if x is not None else u for x in (D, z, bias, h0)],
+                                             out, ckpt, dim, L, dstate, dim_g, ckpt.shape[1], CHECKPOINT_EVERY, **flags)
+    return out, flags
+
+
 class _ScanTriton(torch.autograd.Function):
     """Triton forward + Triton backward. Inputs contiguous, B and C as (b, g, n, l)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, bias, h0, softplus):
-        (batch, dim, L), dstate, groups = u.shape, A.shape[1], B.shape[1]
-        dim_g, block_d, block_n, n_blk = _launch(dim, dstate, groups)
-        every = CHECKPOINT_EVERY
-        n_ckpt = triton.cdiv(L, every)
-        out = torch.empty_like(u)                                                  # (b, d, l)
-        ckpt = u.new_empty(batch, n_ckpt, dim, dstate, dtype=torch.float32)        # h after steps every-1, ...
-        opt = [x if x is not None else u for x in (D, z, bias, h0)]                # dummies for absent inputs
-        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-                     HAS_H0=h0 is not None, BLOCK_D=block_d, BLOCK_N=block_n)
-        _scan_fwd_kernel[(batch, groups, n_blk)](u, delta, A, B, C, *opt, out, ckpt,
-                                                 dim, L, dstate, dim_g, n_ckpt, every, **flags)
-        ctx.save_for_backward(u, delta, A, B, C, *opt, ckpt)
-        ctx.flags, ctx.every = flags, every
-        return out, ckpt[:, -1]
+        batch, dim, L = u.shape
+        ckpt = u.new_empty(batch, triton.cdiv(L, CHECKPOINT_EVERY), dim, A.shape[1], dtype=torch.float32)
+        out, ctx.flags = _forward(u, delta, A, B, C, D, z, bias, h0, softplus, ckpt)
+        ctx.save_for_backward(u, delta, A, B, C, *[x if x is not None else u for x in (D, z, bias, h0)], ckpt)
+        ctx.every = CHECKPOINT_EVERY
+        return out, ckpt[:, -1]                                                    # y, last state (b, d, n)
 
     @staticmethod
     def backward(ctx, dout, dlast):
@@ -337,125 +300,106 @@ class _ScanTriton(torch.autograd.Function):
         return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, ins)) + (None,)
 
 
-def _as_4d(B):
-    return B[:, None] if B.dim() == 3 else B                                      # (b, g, n, l)
-
-
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, initial_state=None):
     """Same contract as selective_scan_ref, computed by the Triton kernels (interpreter on a CPU)."""
     _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    c = [None if x is None else x.contiguous() for x in (u, delta, A, _as_4d(B), _as_4d(C), D, z, delta_bias,
-                                                         initial_state)]
-    y, last = _ScanTriton.apply(*c, bool(delta_softplus))
+    B, C = (X if X.dim() == 4 else X[:, None] for X in (B, C))                    # (b, g, n, l)
+    c = [None if x is None else x.contiguous() for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+    y, last = _ScanTriton.apply(*c, delta_softplus)
     return (y, last) if return_last_state else y
 
 
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One step with the Triton kernel; state (b, d, n) is updated in place. Returns y (b, d)."""
-    batch, dim, dstate, groups = _validate(x, dt, A, B, C, D, z, dt_bias, state, step=True)
-    dim_g, block_d, block_n, n_blk = _launch(dim, dstate, groups)
+    """One step: the forward kernel at L = 1 reads its initial state from `state` and writes its last state
+    (its only checkpoint) back into it -- in place, as each program reads its own tile before writing it."""
+    _validate(x, dt, A, B, C, D, z, dt_bias, state, step=True)
     s = state if state.is_contiguous() else state.contiguous()
-    B = B[:, None] if B.dim() == 2 else B                                         # (b, g, n)
-    C = C[:, None] if C.dim() == 2 else C
-    c = [None if v is None else v.contiguous() for v in (x, dt, A, B, C, D, z, dt_bias)]
-    out = torch.empty_like(c[0])                                                  # (b, d)
-    _state_update_kernel[(batch, groups, n_blk)](
-        s, *c[:5], *[v if v is not None else c[0] for v in c[5:]], out, dim, dstate, dim_g,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-        BLOCK_D=block_d, BLOCK_N=block_n)
+    col = lambda v: None if v is None else v.contiguous()[..., None]              # noqa: E731  (..., 1)
+    c = lambda v: None if v is None else v.contiguous()                           # noqa: E731
+    B, C = (v[:, None] if v.dim() == 2 else v for v in (B, C))                    # (b, g, n)
+    y, _ = _forward(col(x), col(dt), c(A), col(B), col(C), c(D), col(z), c(dt_bias), s, dt_softplus,
+                    s.view(s.shape[0], 1, *s.shape[1:]))                           # (b, d, 1)
     if s is not state:
         state.copy_(s)
-    return out
+    return y[..., 0]
 
 
 # ----------------------------------------------------------------------------- CPU fast path
-TORCH_CHUNK = 1 << 18    # state elements (batch_chunk * dim * dstate) per step of the CPU path: ~1 MB, in cache
+TORCH_CHUNK = 1 << 17    # state elements (batch_chunk * dim * dstate) per step of the CPU path: 512 KB fp32
 
 
 class _ScanTorch(torch.autograd.Function):
-    """The recurrence step by step over batch chunks that fit in the cache, state laid out dstate-major
-    (n, b, g, dg) so every product is a broadcast and every sum over n adds whole slabs; exp(x) as
-    exp2(x * log2 e) (~4x faster on CPUs); a hand-written backward that recomputes the chunk's states.
-    Inputs float32/64, time-major: u, delta (l, b, d), delta biased and softplus'ed; B, C (l, n, b, g)."""
+    """The recurrence step by step over batch chunks that fit in the cache, with the state laid out
+    dstate-major (n, b, g, dg) so every product is a broadcast and every sum over n adds whole slabs, exp(x)
+    as exp2(x log2 e) (~4x faster on CPUs), every big temporary preallocated (fresh pages are slow), and a
+    hand-written backward that recomputes the chunk's states. Inputs float32/64, time-major: u, delta
+    (l, b, d) with delta already biased and softplus'ed; B, C (l, n, b, g); A (d, n); h0 (n, b, d)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0):
-        L, batch, dim = u.shape
         y, last = torch.empty_like(u), torch.empty_like(h0)                        # (l, b, d), (n, b, d)
-        for sl, dl, dlu, Bt, a, h in _chunks(u, delta, A, B, h0, y):
-            h.mul_(a).addcmul_(dlu, Bt)                                            # h_t = a_t h_{t-1} + dl u B
-            y[sl[0], sl[1]] = (h * C[sl[0], :, sl[1], :, None]).sum(0).view(-1, dim)   # <C_t, h_t>
-            if sl[0] == L - 1:
-                last[:, sl[1]] = h.view(-1, h.shape[1], dim)
+        for rows, Hs, As, (tmp, _, _) in _chunk_states(u, delta, A, B, h0):
+            for t in range(u.shape[0]):                                            # y_t = <C_t, h_t>
+                torch.sum(torch.mul(Hs[t + 1], C[t, :, rows, :, None], out=tmp), 0, out=y[t, rows].view(tmp.shape[1:]))
+            last[:, rows] = Hs[-1].reshape(last[:, rows].shape)
         ctx.save_for_backward(u, delta, A, B, C, h0)
         return y, last
 
     @staticmethod
     def backward(ctx, dy, dlast):
         u, delta, A, B, C, h0 = ctx.saved_tensors
-        L, batch, dim = u.shape
+        (L, batch, dim), n, g = u.shape, A.shape[1], B.shape[3]
         du, ddelta, dB, dC = torch.empty_like(u), torch.empty_like(u), torch.empty_like(B), torch.empty_like(C)
-        dA, dh0 = torch.zeros_like(A), torch.empty_like(h0)
-        An = A.t().reshape(A.shape[1], 1, B.shape[3], -1)                        # (n, 1, g, dg)
-        hs, As = [], []
-        for sl, dl, dlu, Bt, a, h in _chunks(u, delta, A, B, h0, None):           # recompute the chunk
-            if sl[0] == 0:
-                hs, As, dh, dA_c = [h.clone()], [], dlast[:, sl[1]].reshape(h.shape).clone(), torch.zeros_like(h)
-            hs.append(torch.mul(a, hs[-1]).addcmul_(dlu, Bt))
-            As.append(a)
-            if sl[0] < L - 1:
-                continue
+        dA, dh0, An = u.new_zeros(n, 1, g, dim // g), torch.empty_like(h0), A.t().reshape(n, 1, g, -1)
+        for rows, Hs, As, (dh, dA_c, tmp) in _chunk_states(u, delta, A, B, h0):
+            shp = (1,) + dh.shape[1:]                                              # (1, bc, g, dg)
+            dh.copy_(dlast[:, rows].view(dh.shape)), dA_c.zero_()                  # adjoint of h_{L-1}
             for t in range(L - 1, -1, -1):                                         # reverse-time scan
-                b_sl, shp = sl[1], (1,) + h.shape[1:]
-                dyt, dlt, ut = dy[t, b_sl].view(shp), delta[t, b_sl].view(shp), u[t, b_sl].view(shp)
-                Bt, Ct = B[t, :, b_sl, :, None], C[t, :, b_sl, :, None]           # (n, bc, g, 1)
+                dyt, dlt, ut = dy[t, rows].view(shp), delta[t, rows].view(shp), u[t, rows].view(shp)
+                Bt, Ct = B[t, :, rows, :, None], C[t, :, rows, :, None]            # (n, bc, g, 1)
                 dh.addcmul_(dyt, Ct)                                               # dh_t += dy_t C_t
-                dC[t, :, b_sl] = (hs[t + 1] * dyt).sum(-1)                         # sum_d dy_t h_t
-                dB[t, :, b_sl] = (dh * (dlt * ut)).sum(-1)                         # sum_d dh_t dl_t u_t
-                dhB = (dh * Bt).sum(0, keepdim=True)                               # (1, bc, g, dg)
-                ah = torch.mul(As[t], hs[t]).mul_(dh)                              # dh_t a_t h_{t-1}
-                dA_c.addcmul_(ah, dlt)
-                du[t, b_sl] = (dhB * dlt).view(-1, dim)
-                ddelta[t, b_sl] = (ah.mul_(An).sum(0, keepdim=True) + dhB * ut).view(-1, dim)
+                torch.sum(torch.mul(Hs[t + 1], dyt, out=tmp), -1, out=dC[t, :, rows])   # sum_d dy_t h_t
+                torch.sum(torch.mul(dh, dlt * ut, out=tmp), -1, out=dB[t, :, rows])     # sum_d dh_t dl_t u_t
+                dhB = torch.mul(dh, Bt, out=tmp).sum(0, keepdim=True)              # (1, bc, g, dg)
+                torch.mul(As[t], Hs[t], out=tmp).mul_(dh)                          # dh_t a_t h_{t-1}
+                dA_c.addcmul_(tmp, dlt)
+                du[t, rows] = (dhB * dlt).view(-1, dim)
+                ddelta[t, rows] = (tmp.mul_(An).sum(0, keepdim=True) + dhB * ut).view(-1, dim)
                 dh.mul_(As[t])                                                     # -> adjoint of h_{t-1}
-            dA += dA_c.sum(1).reshape(A.shape[1], dim).t()
-            dh0[:, b_sl] = dh.view(-1, dh.shape[1], dim)
-        return du, ddelta, dA, dB, dC, dh0
+            dA += dA_c.sum(1, keepdim=True)
+            dh0[:, rows] = dh.reshape(n, -1, dim)
+        return du, ddelta, dA.view(n, dim).t(), dB, dC, dh0
 
 
-def _chunks(u, delta, A, B, h0, out):
-    """For each batch chunk and each t: yield (t, rows), dl_t, dl_t u_t, B_t, a_t = exp(dl_t A) and the state
-    (n, bc, g, dg) that starts as the chunk's h0 (the caller advances it)."""
-    L, batch, dim = u.shape
-    n, groups = B.shape[1], B.shape[3]
-    A2 = (A * 1.4426950408889634).t().reshape(n, 1, groups, -1)                  # (n, 1, g, dg), A log2 e
-    step = max(1, TORCH_CHUNK // (dim * n))
+def _chunk_states(u, delta, A, B, h0):
+    """For each batch chunk: its rows, its states Hs = h_{-1..L-1} (L+1, n, bc, g, dg), As = a_t (L, n, bc, g,
+    dg) with a_t = exp(delta_t A) = exp2(delta_t A log2 e), and 3 scratch states. Buffers are reused."""
+    (L, batch, dim), n, g = u.shape, A.shape[1], B.shape[3]
+    A2, step = (A * 1.4426950408889634).t().reshape(n, 1, g, -1), max(1, TORCH_CHUNK // (dim * n))
+    Hs, As, work = (u.new_empty(k, n, min(step, batch), g, dim // g) for k in (L + 1, L, 3))
     for b0 in range(0, batch, step):
-        rows = slice(b0, b0 + step)
-        h = h0[:, rows].reshape(n, -1, groups, dim // groups).clone()             # (n, bc, g, dg)
+        rows, bc = slice(b0, b0 + step), min(step, batch - b0)
+        Hs[0, :, :bc] = h0[:, rows].view(n, bc, g, -1)
         for t in range(L):
-            dl = delta[t, rows].view(1, -1, groups, dim // groups)               # (1, bc, g, dg)
-            yield (t, rows), dl, dl * u[t, rows].view_as(dl), B[t, :, rows, :, None], torch.exp2(dl * A2), h
+            dl = delta[t, rows].view(1, bc, g, -1)                                 # (1, bc, g, dg)
+            a = torch.exp2(torch.mul(dl, A2, out=As[t, :, :bc]), out=As[t, :, :bc])
+            torch.mul(a, Hs[t, :, :bc], out=Hs[t + 1, :, :bc]).addcmul_(dl * u[t, rows].view_as(dl),
+                                                                        B[t, :, rows, :, None])
+        yield rows, Hs[:, :, :bc], As[:, :, :bc], work[:, :, :bc]
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False, initial_state=None):
     """Same contract as selective_scan_ref; the CPU fast path. Bias, softplus, D and z stay in autograd."""
     batch, dim, dstate, groups = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    wt = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype, B.dtype) else torch.float32
-    dl = delta.to(wt) + (delta_bias.to(wt)[:, None] if delta_bias is not None else 0)   # (b, d, l)
-    dl = F.softplus(dl) if delta_softplus else dl
+    wt, dl = _delta(u, delta, A, B, delta_bias, delta_softplus)                   # (b, d, l)
     h0 = initial_state.to(wt) if initial_state is not None else u.new_zeros(batch, dim, dstate, dtype=wt)
     tm = lambda x: x.to(wt).movedim(-1, 0).contiguous()                          # noqa: E731  (l, b, ...)
-    BC = [_as_4d(x).to(wt).permute(3, 2, 0, 1).contiguous() for x in (B, C)]       # (l, n, b, g)
+    BC = [(x if x.dim() == 4 else x[:, None]).to(wt).permute(3, 2, 0, 1).contiguous() for x in (B, C)]       # (l, n, b, g)
     y, last = _ScanTorch.apply(tm(u), tm(dl), A.to(wt).contiguous(), *BC, h0.permute(2, 0, 1).contiguous())
-    y, last = y.permute(1, 2, 0), last.permute(1, 2, 0)                            # (b, d, l), (b, d, n)
-    if D is not None:
-        y = y + u.to(wt) * D.to(wt)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(wt))
-    return (y.to(u.dtype), last) if return_last_state else y.to(u.dtype)
+    y, last = _gate(y.permute(1, 2, 0), u, D, z), last.permute(1, 2, 0)            # (b, d, l), (b, d, n)
+    return (y, last) if return_last_state else y
 
 
 # ----------------------------------------------------------------------------- dispatch (what the model calls)
@@ -463,10 +407,9 @@ def _path(x):
     path = SCAN_PATH if SCAN_PATH != "auto" else ("triton" if x.is_cuda else "torch")
     if path not in ("triton", "torch", "ref"):
         raise ValueError(f'kernels.SCAN_PATH must be "auto", "triton", "torch" or "ref", got {SCAN_PATH!r}')
-    if path not in _announced:
+    if path not in _announced:                                                     # say it once per path
         _announced.add(path)
-        print(f"kernels: selective scan runs the {path} path on {x.device} (set kernels.SCAN_PATH to change)",
-              file=sys.stderr)
+        print(f"kernels: selective scan on {x.device} runs the {path} path", file=sys.stderr)
     return path
 
 
@@ -481,3 +424,63 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """One recurrent step (inference): updates state (b, d, n) in place, returns y (b, d)."""
     fn = selective_state_update_triton if _path(x) == "triton" else selective_state_update_ref
     return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+# ----------------------------------------------------------------------------- `python kernels.py`
+def _inputs(batch, dim, L, dstate=16, device="cpu"):
+    """Inputs like the History Compressor's: S4D-real A = -(1..n), softplus'ed delta with a bias, D, z."""
+    g = torch.Generator(device).manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, device=device)                    # noqa: E731
+    A = -torch.arange(1, dstate + 1, device=device).float().repeat(dim, 1)        # (d, n)
+    return [r(batch, dim, L), r(batch, dim, L) - 3, A, r(batch, dstate, L), r(batch, dstate, L), r(dim),
+            r(batch, dim, L), r(dim) * 0.1, True]                                  # u delta A B C D z bias softplus
+
+
+def _time_ms(fn, args, backward, reps):
+    """Fastest of `reps` runs of fn(*args) (and its backward), in milliseconds."""
+    best = float("inf")
+    for _ in range(reps):
+        x, t0 = [a.detach().requires_grad_(backward) if torch.is_tensor(a) else a for a in args], time.perf_counter()
+        y = fn(*x)
+        y.backward(torch.ones_like(y)) if backward else None
+        torch.cuda.synchronize() if y.is_cuda else None
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def main():
+    import argparse
+    p = argparse.ArgumentParser(description="Check the selective-scan paths against the reference, then time "
+                                "forward and forward+backward at AUSM's shapes (dstate 16, softplus, D, z).")
+    p.add_argument("--quick", action="store_true", help="only batch 512 (2 clips x 16 x 16 pixels)")
+    p.add_argument("--reps", type=int, default=2, help="timed runs per cell; the table shows the fastest")
+    p.add_argument("--ref-max", type=float, default=1.1e6, help="time the slow reference loop only where "
+                   "batch*dim*L is at most this (~2.5 s per million on a 2-core CPU); 0 = never")
+    args = p.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    paths = {"ref (autograd loop)": selective_scan_ref, "torch (fast path)": selective_scan_torch,
+             "triton" + " (interpreter)" * (dev == "cpu"): selective_scan_triton}
+    x = _inputs(3, 8, 5, 4, dev)                                                   # 1) correctness
+    for name, fn in list(paths.items())[1:]:
+        err = (fn(*x) - selective_scan_ref(*x)).abs().max().item()
+        print(f"{name:24s} max |y - y_ref| = {err:.1e}  {'ok' if err < 1e-4 else 'WRONG'}")
+    paths = {k: v for k, v in paths.items() if dev == "cuda" or "interpreter" not in k}  # meaningless timings
+    print(f"\n{'batch':>6s} {'dim':>4s} {'L':>3s}" + "".join(f"{n + ' fwd / fwd+bwd ms':>42s}" for n in paths))
+    for batch, dim, L in [(b, d, L) for b in (512,) + (2048,) * (not args.quick) for d in (128, 512)
+                          for L in (3, 5, 16)]:                                    # 2) benchmark
+        x, cells = _inputs(batch, dim, L, 16, dev), ""
+        for fn in paths.values():
+            skip = fn is selective_scan_ref and batch * dim * L > args.ref_max
+            cells += f"{'-':>42s}" if skip else "{:>31.1f} / {:8.1f}".format(
+                *(_time_ms(fn, x, bwd, args.reps) for bwd in (False, True)))
+        gbs = 4 * batch * dim * L * 5 / _time_ms(paths["triton"], x, False, 3) / 1e6 if dev == "cuda" else 0
+        print(f"{batch:6d} {dim:4d} {L:3d}" + cells + (f"  triton fwd {gbs:.0f} GB/s" if gbs else ""), flush=True)
+    if not args.quick:                                                             # 3) the 10x target
+        x = _inputs(2048, 128, 16, 16, dev)
+        ref, fast = (_time_ms(fn, x, True, args.reps) for fn in (selective_scan_ref, selective_scan_torch))
+        print(f"\nfwd+bwd at 2048 x 128 x L 16 x dstate 16: ref {ref:.0f} ms, torch {fast:.0f} ms: "
+              f"{ref / fast:.1f}x (target >= 10x)")
+
+
+if __name__ == "__main__":
+    main()
