@@ -318,7 +318,7 @@ def parse_args(argv=None):
     ap.add_argument("--time-limit", type=float, help="stop and save after this many minutes (0 = never; default: "
                     "13 for tiny, 0 for paper)")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
-    ap.add_argument("--bench-iters", type=int, default=2, help="--benchmark: timed iterations per form and T")
+    ap.add_argument("--bench-iters", type=int, default=3, help="--benchmark: timed iterations per form and T")
     args = ap.parse_args(argv)
     pre = PRESETS[args.preset]
     args.frames = args.frames or STAGE_FRAMES[args.stage]
