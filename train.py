@@ -165,13 +165,13 @@ def criterion(out, batch):
     tgt, vis, trk = batch["targets"].float(), batch["visible"], batch["tracked"]  # (B, T, N, h, w), (B, T, N)
     K = cls.shape[-1] - 1 if cls is not None else 0
     lab = batch["labels"][:, None, :].expand(Bsz, T, N)  # (B, T, N)
-    lab = torch.where(lab >= 0, lab, torch.full_like(lab, -100))
+    lab = torch.where(lab >= 0, lab, torch.full_like(lab, -100))  # no class: ignored by the class CE
     # L_trk: tracking query i <-> instance i (fixed); an absent tracked object is "no object", no mask loss
     w = (trk * torch.where(vis, 1.0, NO_OBJECT_WEIGHT)).expand(P, -1, -1, -1)  # (P, B, T, N)
     cls_t = torch.where(vis, lab, torch.full_like(lab, K)).expand(P, -1, -1, -1)  # (P, B, T, N)
-    b, t, n = (trk & vis).nonzero(as_tuple=True)
-    p = torch.arange(P, device=dev).repeat_interleave(len(b))
-    b, t, n = b.repeat(P), t.repeat(P), n.repeat(P)
+    b, t, n = (trk & vis).nonzero(as_tuple=True)  # (M,) each: tracked and visible
+    p = torch.arange(P, device=dev).repeat_interleave(len(b))  # (P*M,): every prediction
+    b, t, n = b.repeat(P), t.repeat(P), n.repeat(P)  # (P*M,) each
     num_trk, den_trk = _set_loss(fg[..., :N], cls[..., :N, :] if cls is not None else None, masks[:, :, :, :N],
                                  tgt, w, vis.float().expand(P, -1, -1, -1), cls_t, (p, b, t, n), (b, t, n), P)
     # L_det: Hungarian matching per (prediction, sample, frame) of detection queries to detection targets
@@ -193,7 +193,7 @@ def criterion(out, batch):
             r, c = hungarian(cost[pi, bi, ti][:, cand])
             for lst, v in zip(picks, (pi, bi, ti, r, cand[c])):
                 lst.extend(np.broadcast_to(v, r.shape).tolist())
-    p, b, t, q, n = (torch.tensor(v, dtype=torch.long, device=dev) for v in picks)
+    p, b, t, q, n = (torch.tensor(v, dtype=torch.long, device=dev) for v in picks)  # (matched pairs,) each
     w = torch.full((P, Bsz, T, Q - N), NO_OBJECT_WEIGHT, device=dev)  # (P, B, T, Nd)
     fg_t, cls_t = torch.zeros_like(w), torch.full(w.shape, K, dtype=torch.long, device=dev)
     w[p, b, t, q], fg_t[p, b, t, q], cls_t[p, b, t, q] = 1.0, 1.0, lab[b, t, n]
@@ -223,7 +223,7 @@ def forward(model, batch, iterative=False):
         state.alloc, state.M = tracked[:, t], history[:, t]  # (B, N), (B, N, H, W)
         out, state = model.step(frames[:, t], state, batch["dataset"])  # (P, B, Q, ...); autograd through state
         outs.append(out)
-    return {k: None if outs[0][k] is None else torch.stack([o[k] for o in outs], 2) for k in outs[0]}
+    return {k: None if outs[0][k] is None else torch.stack([o[k] for o in outs], 2) for k in outs[0]}  # (P, B, T, ..)
 
 
 def train_step(model, opt, batch, iterative=False, clip=1.0):
