@@ -1,9 +1,8 @@
 """Selective scan (Mamba S6) for AUSM's History Compressor: Triton kernels beside their PyTorch twins.
 
-Paper: Mamba (Gu & Dao 2023) Sec. 3.2 / Alg. 2, the selective SSM "S6"; AUSM (Heo et al. 2025) Sec. 2.2,
-the History Compressor, which runs one such scan over time at every pixel of the stride-8 feature map
-(batch = clips x pixels, L = frames). Same contract as mamba_ssm's selective_scan_fn and
-selective_state_update, so code and tests written for one run on the other:
+Paper: Mamba (Gu & Dao 2023) Sec. 3.2 / Alg. 2, the selective SSM "S6"; AUSM (Heo et al. 2025) Sec. 2.2, the
+History Compressor, which runs one such scan over time at every pixel of the stride-8 features (batch = clips
+x pixels, L = frames). Same contract as mamba_ssm's selective_scan_fn / selective_state_update:
 
     delta <- softplus(delta + delta_bias)                      (bias / softplus optional)
     h_t    = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t   (zero-order hold of A, Euler step for B)
@@ -13,22 +12,20 @@ Glossary of dimension letters (as in mamba-minimal):
     b: batch (sequences: clips x pixels)   d: dim (channels, "D" in Mamba)   l: L (time steps = frames)
     n: dstate (state size, "N")            g: groups (B_t, C_t shared by dim // groups channels each)
 
-Paths: selective_scan_ref (plain loop, the specification); selective_scan_triton (own forward kernel: one
-program per (batch, group, block of dim) holding all of dstate in registers and looping over L; own backward
-kernel: a reverse-time scan that recomputes h_{t-1} from a checkpoint every CHECKPOINT_EVERY steps instead of
-storing every state); _ScanTorch (CPU: vectorised per step over batch chunks that fit in cache, hand-written
-backward). selective_scan dispatches; selective_state_update advances the state one frame (inference).
+Paths: selective_scan_ref (plain loop: the specification); selective_scan_triton (forward kernel: a program
+per (batch, group, block of dim) keeps all of dstate in registers and loops over L; backward kernel: a
+reverse-time scan recomputing h_{t-1} from a checkpoint saved every CHECKPOINT_EVERY steps); selective_scan_torch
+(the CPU path, hand-written backward). selective_scan dispatches; selective_state_update does one frame.
 Differs from mamba_ssm: real A only; B, C depend on time (no time-invariant variant); no fused in-projection.
 Left out: complex A, the fused causal conv, variable-length sequences.
 
 Cost (for a GPU reader): E = b*d*l, n = dstate, s = bytes per input element, c = CHECKPOINT_EVERY.
-    forward   bytes ~ E*s*(3 + [z]) + 2*b*g*n*l*s (B, C) + 4*b*d*n*ceil(l/c) (checkpoints, fp32)
-              FLOPs ~ 6*E*n, plus E*n exps (the SFU runs exp2 at ~1/8 of the FMA rate: count each as ~8)
-    backward  bytes ~ E*(s*(4 + [z]) + 4*(3 + [z])) + 8*b*g*n*l*blocks + 4*b*d*n*(ceil(l/c) + 2)
-              FLOPs ~ E*n*(14 + 2*(c-1)), plus E*n*(c+1)/2 exps (the recomputation)
-At dstate 16 the forward does ~220 FLOP-equivalents per ~25 (fp32) or ~17 (bf16) bytes per (b, d, t):
-9-13 FLOP/byte, under an H100's ridge (~67 TFLOP/s / 3.35 TB/s = 20): bandwidth bound, so GB/s against the
-peak is its yardstick. The backward, and the forward from dstate ~32 up, are compute (exp) bound.
+  forward  bytes ~ E*s*(3 + [z]) + 2*b*g*n*l*s (B, C) + 4*b*d*n*ceil(l/c) (fp32 checkpoints); FLOPs ~ 6*E*n + E*n exp
+  backward bytes ~ E*(s*(4+[z]) + 4*(3+[z])) + 8*b*g*n*l*blocks + 4*b*d*n*(ceil(l/c)+2)
+           FLOPs ~ E*n*(12+2c) + E*n*(c+1)/2 exp (it recomputes h from the checkpoints: ~c/2 steps per step)
+At dstate 16 the forward does ~220 FLOP-equivalents (an exp2 on the SFU costs ~8 FMAs) per ~25 (fp32) or ~17
+(bf16) bytes per (b, d, t): 9-13 FLOP/byte, under an H100's ridge (~67 TFLOP/s / 3.35 TB/s = 20), so it is
+bandwidth bound (GB/s vs peak is its yardstick); the backward and the forward from dstate ~32 up are exp bound.
 """
 import os
 import sys
@@ -52,8 +49,7 @@ _announced = set()
 def _check(name, x, shape, device, ndim=None):
     """Raise ValueError unless x is a real floating tensor on `device` with `shape` (None = any)."""
     if not torch.is_tensor(x) or x.is_complex() or not x.is_floating_point():
-        raise ValueError(f"{name} must be a real floating tensor (float16/bfloat16/float32/float64), got "
-                         f"{x.dtype if torch.is_tensor(x) else type(x).__name__}")
+        raise ValueError(f"{name} must be a real floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but u/x is on {device}: put every input on one device")
     if ndim is not None and x.dim() not in ndim:
@@ -68,8 +64,7 @@ def _validate(u, delta, A, B, C, D, z, bias, h0, step=False):
     (batch, dim), tail = u.shape[:2], tuple(u.shape[2:])
     _check("dt" if step else "delta", delta, u.shape, u.device)
     _check("A", A, None, u.device, (2,))
-    if A.shape[0] != dim:
-        raise ValueError(f"A must have shape (dim={dim}, dstate), got {tuple(A.shape)}")
+    _check("A", A, (dim, A.shape[1]), u.device)                                    # (dim, dstate)
     _check("B", B, None, u.device, (2 + len(tail), 3 + len(tail)))
     groups, dstate = B.shape[1] if B.dim() == 3 + len(tail) else 1, A.shape[1]
     if dim % groups != 0:
@@ -94,8 +89,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
             for X in (B, C))                                                       # (b, d, n, l)
     deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A.to(wt)))              # (b, d, l, n)
     deltaB_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u.to(wt))             # (b, d, l, n)
-    h = initial_state.to(wt) if initial_state is not None else u.new_zeros(batch, dim, dstate, dtype=wt)
-    ys = []
+    h, ys = initial_state.to(wt) if initial_state is not None else u.new_zeros(batch, dim, dstate, dtype=wt), []
     for t in range(u.shape[2]):
         h = deltaA[:, :, t] * h + deltaB_u[:, :, t]                                # (b, d, n)
         ys.append(torch.einsum("bdn,bdn->bd", h, C[..., t]))                       # (b, d)
@@ -110,50 +104,49 @@ def _delta(u, delta, A, B, bias, softplus):
     return wt, F.softplus(delta) if softplus else delta
 
 
-def _gate(y, u, D, z):
-    """(y + D u) * silu(z), each term optional, returned in u's dtype."""
+def _gate(y, u, D, z):  # (y + D u) * silu(z), each term optional, returned in u's dtype
     y = y + u.to(y.dtype) * D.to(y.dtype)[:, None] if D is not None else y
     return (y * F.silu(z.to(y.dtype)) if z is not None else y).to(u.dtype)
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One step of the recurrence (the scan at L=1 from `state`); updates state in place, returns y (b, d)."""
-    y, new = selective_scan_ref(x[..., None], dt[..., None], A, B[..., None], C[..., None], D,
-                                None if z is None else z[..., None], dt_bias, dt_softplus, True,
-                                state)                                             # (b, d, 1), (b, d, n)
+    col = lambda v: None if v is None else v[..., None]                           # noqa: E731  (..., 1)
+    y, new = selective_scan_ref(col(x), col(dt), A, col(B), col(C), D, col(z), dt_bias, dt_softplus, True, state)
     state.copy_(new)
     return y[..., 0]                                                               # (b, d)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
 @triton.jit
-def _softplus(x):  # torch's threshold 20; no log1p in the interpreter; clamped so exp never overflows
-    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
-
-
-@triton.jit
 def _sigmoid(x):   # exp(-|x|) never overflows
-    e = tl.exp(-tl.abs(x))
-    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return tl.where(x >= 0, 1.0, tl.exp(-tl.abs(x))) / (1.0 + tl.exp(-tl.abs(x)))
 
 
 @triton.jit
-def _tile(dim, dstate, dim_g, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's channels d (BD,) of group g, state indices n (BN,) and their masks."""
-    g, blk = tl.program_id(1), tl.program_id(2)
-    local = blk * BLOCK_D + tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
-    mask_d, mask_n = local < dim_g, n < dstate
-    return g * dim_g + local, n, mask_d, mask_n, mask_d[:, None] & mask_n[None, :]
+def _setup(A_ptr, D_ptr, bias_ptr, dim, L, dstate, dim_g, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (b, g, block) owns channels d (BD,) of group g, all of n (BN,): masks, A (BD, BN), D, delta_bias
+    (BD,; zeros if absent, by all-false masks), offsets of rows of (b, d, l), (b, g, n, l), a (b, d, n) tile."""
+    b, g = tl.program_id(0), tl.program_id(1)
+    local, n = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
+    mask_d, mask_n, d = local < dim_g, n < dstate, g * dim_g + local
+    mask = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    Dv = tl.load(D_ptr + d, mask=mask_d & HAS_D, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + d, mask=mask_d & HAS_BIAS, other=0.0).to(tl.float32)
+    row, bc = (b * dim + d) * L, ((b * tl.num_programs(1) + g) * dstate + n) * L
+    return b, d, n, mask_d, mask_n, mask, A, Dv, bias, row, bc, (b * dim + d[:, None]) * dstate + n[None, :]
 
 
 @triton.jit
-def _load_step(u_ptr, dt_ptr, B_ptr, row, bc, bias, mask_d, mask_n, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _load_step(u_ptr, dt_ptr, B_ptr, row, bc, bias, mask_d, mask_n, SOFTPLUS: tl.constexpr):
     """u_t (BD,), delta_t as the scan uses it (BD,), the raw value softplus saw, and B_t (BN,), all fp32."""
     u = tl.load(u_ptr + row, mask=mask_d, other=0.0).to(tl.float32)
     raw = tl.load(dt_ptr + row, mask=mask_d, other=0.0).to(tl.float32) + bias
     Bt = tl.load(B_ptr + bc, mask=mask_n, other=0.0).to(tl.float32)
-    return u, (_softplus(raw) if SOFTPLUS else raw), raw, Bt
+    # softplus with torch's threshold 20; no log1p in the interpreter; clamped so that exp never overflows
+    return u, tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))), raw) if SOFTPLUS else raw, raw, Bt
 
 
 @triton.jit
@@ -162,18 +155,11 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                      HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (b, g, block): channels of group g in this block, all of dstate; loops over t = 0..L-1."""
-    b, groups = tl.program_id(0), tl.num_programs(1)
-    d, n, mask_d, mask_n, mask = _tile(dim, dstate, dim_g, BLOCK_D, BLOCK_N)
-    A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mask, other=0.0).to(tl.float32)  # (BD, BN)
-    Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
-    bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    row = (b * dim + d) * L                                                        # u, delta, z, out rows
-    bc = ((b * groups + tl.program_id(1)) * dstate + n) * L                        # B, C rows
-    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    if HAS_H0:
-        h = tl.load(h0_ptr + (b * dim + d[:, None]) * dstate + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    b, d, n, mask_d, mask_n, mask, A, Dv, bias, row, bc, state = _setup(
+        A_ptr, D_ptr, bias_ptr, dim, L, dstate, dim_g, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
+    h = tl.load(h0_ptr + state, mask=mask & HAS_H0, other=0.0).to(tl.float32)     # (BD, BN), zeros if absent
     for t in range(L):
-        u, delta, _, Bt = _load_step(u_ptr, dt_ptr, B_ptr, row + t, bc + t, bias, mask_d, mask_n, HAS_BIAS, SOFTPLUS)
+        u, delta, _, Bt = _load_step(u_ptr, dt_ptr, B_ptr, row + t, bc + t, bias, mask_d, mask_n, SOFTPLUS)
         Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)      # (BN,)
         h = tl.exp(delta[:, None] * A) * h + (delta * u)[:, None] * Bt[None, :]   # (BD, BN)
         y = tl.sum(h * Ct[None, :], axis=1) + Dv * u                              # (BD,)
@@ -195,32 +181,23 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                      HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Reverse-time scan t = L-1..0 carrying the adjoint dh_t = dLoss/dh_t; h_{t-1} is recomputed from the
     checkpoint before t's segment. dA, dD, dB, dC are written as per-program partials (summed in PyTorch)."""
-    b, g, groups, n_blk = tl.program_id(0), tl.program_id(1), tl.num_programs(1), tl.num_programs(2)
-    d, n, mask_d, mask_n, mask = _tile(dim, dstate, dim_g, BLOCK_D, BLOCK_N)
-    A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mask, other=0.0).to(tl.float32)  # (BD, BN)
-    Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
-    bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    row = (b * dim + d) * L
-    bc = ((b * groups + g) * dstate + n) * L
-    part = ((b * groups + g) * n_blk + tl.program_id(2)) * dstate * L + n * L      # dB, dC partial rows
-    state_off = (b * dim + d[:, None]) * dstate + n[None, :]
-    dh = tl.load(dlast_ptr + state_off, mask=mask, other=0.0)                     # adjoint of h_t, t = L-1
-    dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    b, d, n, mask_d, mask_n, mask, A, Dv, bias, row, bc, state = _setup(
+        A_ptr, D_ptr, bias_ptr, dim, L, dstate, dim_g, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
+    part = ((b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)) * dstate * L \
+        + n * L                                                                    # dB, dC partial rows
+    dh = tl.load(dlast_ptr + state, mask=mask, other=0.0)                         # adjoint of h_t, t = L-1
+    dA, dD = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32), tl.zeros((BLOCK_D,), dtype=tl.float32)
     for i in range(L):
         t = L - 1 - i
         seg = t // every                                                           # h_{seg*every-1} saved
         segs = seg + tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.int32)                  # as a tile (mask dtype)
         h = tl.load(ckpt_ptr + ((b * n_ckpt + tl.maximum(seg - 1, 0)) * dim + d[:, None]) * dstate + n[None, :],
                     mask=mask & (segs > 0), other=0.0)
-        if HAS_H0:
-            h += tl.load(h0_ptr + state_off, mask=mask & (segs == 0), other=0.0).to(tl.float32)
+        h += tl.load(h0_ptr + state, mask=mask & (segs == 0) & HAS_H0, other=0.0).to(tl.float32)
         for s in range(seg * every, t):                                            # recompute h_{t-1}
-            us, ds, _, Bs = _load_step(u_ptr, dt_ptr, B_ptr, row + s, bc + s, bias, mask_d, mask_n, HAS_BIAS,
-                                       SOFTPLUS)
+            us, ds, _, Bs = _load_step(u_ptr, dt_ptr, B_ptr, row + s, bc + s, bias, mask_d, mask_n, SOFTPLUS)
             h = tl.exp(ds[:, None] * A) * h + (ds * us)[:, None] * Bs[None, :]
-        u, delta, raw, Bt = _load_step(u_ptr, dt_ptr, B_ptr, row + t, bc + t, bias, mask_d, mask_n, HAS_BIAS,
-                                       SOFTPLUS)
+        u, delta, raw, Bt = _load_step(u_ptr, dt_ptr, B_ptr, row + t, bc + t, bias, mask_d, mask_n, SOFTPLUS)
         Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)      # (BN,)
         dy = tl.load(dout_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)   # (BD,)
         a = tl.exp(delta[:, None] * A)                                             # (BD, BN)
@@ -238,33 +215,31 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
         tl.store(dB_ptr + part + t, tl.sum(dh * (delta * u)[:, None], axis=0), mask=mask_n)
         dhB = tl.sum(dh * Bt[None, :], axis=1)                                     # (BD,)
         tl.store(du_ptr + row + t, dhB * delta + Dv * dy, mask=mask_d)
-        ddelta = dhB * u + tl.sum(dh * A * ah, axis=1)
-        if SOFTPLUS:
-            ddelta = ddelta * _sigmoid(raw)
+        ddelta = (dhB * u + tl.sum(dh * A * ah, axis=1)) * (_sigmoid(raw) if SOFTPLUS else 1.0)  # softplus'
         tl.store(ddt_ptr + row + t, ddelta, mask=mask_d)
         dA += dh * delta[:, None] * ah
         dh = dh * a                                                                # -> adjoint of h_{t-1}
-    tl.store(dh0_ptr + state_off, dh, mask=mask)
-    tl.store(dA_ptr + state_off, dA, mask=mask)
+    tl.store(dh0_ptr + state, dh, mask=mask)
+    tl.store(dA_ptr + state, dA, mask=mask)
     tl.store(dD_ptr + b * dim + d, dD, mask=mask_d)
 
 
-def _launch(dim, dstate, groups):
-    """Block sizes (powers of two) and the number of dim-blocks per group."""
-    dim_g = dim // groups
-    block_d = min(triton.next_power_of_2(dim_g), BLOCK_D_MAX)
-    return dim_g, block_d, triton.next_power_of_2(dstate), triton.cdiv(dim_g, block_d)
+def _launch(u, A, B):
+    """Grid (batch, groups, dim-blocks per group), channels per group, and power-of-two block sizes."""
+    (batch, dim), dstate, groups = u.shape[:2], A.shape[1], B.shape[1]
+    block_d = min(triton.next_power_of_2(dim // groups), BLOCK_D_MAX)
+    return ((batch, groups, triton.cdiv(dim // groups, block_d)), dim // groups,
+            dict(BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate)))
 
 
 def _forward(u, delta, A, B, C, D, z, bias, h0, softplus, ckpt):
     """Run the forward kernel; ckpt (b, cdiv(L, CHECKPOINT_EVERY), d, n) receives the checkpoints."""
-    (batch, dim, L), dstate, groups = u.shape, A.shape[1], B.shape[1]
-    dim_g, block_d, block_n, n_blk = _launch(dim, dstate, groups)
+    grid, dim_g, blocks = _launch(u, A, B)
     out = torch.empty_like(u)                                                      # (b, d, l)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=bool(softplus),
-                 HAS_H0=h0 is not None, BLOCK_D=block_d, BLOCK_N=block_n)
-    _scan_fwd_kernel[(batch, groups, n_blk)](u, delta, A, B, C, *[x if x is not None else u for x in (D, z, bias, h0)],
-                                             out, ckpt, dim, L, dstate, dim_g, ckpt.shape[1], CHECKPOINT_EVERY, **flags)
+                 HAS_H0=h0 is not None, every=CHECKPOINT_EVERY, **blocks)
+    _scan_fwd_kernel[grid](u, delta, A, B, C, *[x if x is not None else u for x in (D, z, bias, h0)], out, ckpt,
+                           u.shape[1], u.shape[2], A.shape[1], dim_g, ckpt.shape[1], **flags)
     return out, flags
 
 
@@ -277,27 +252,22 @@ class _ScanTriton(torch.autograd.Function):
         ckpt = u.new_empty(batch, triton.cdiv(L, CHECKPOINT_EVERY), dim, A.shape[1], dtype=torch.float32)
         out, ctx.flags = _forward(u, delta, A, B, C, D, z, bias, h0, softplus, ckpt)
         ctx.save_for_backward(u, delta, A, B, C, *[x if x is not None else u for x in (D, z, bias, h0)], ckpt)
-        ctx.every = CHECKPOINT_EVERY
         return out, ckpt[:, -1]                                                    # y, last state (b, d, n)
 
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, bias, h0, ckpt = ctx.saved_tensors
-        f = ctx.flags
-        (batch, dim, L), dstate, groups = u.shape, A.shape[1], B.shape[1]
-        dim_g, block_d, block_n, n_blk = _launch(dim, dstate, groups)
-        new = lambda *shape: u.new_empty(*shape, dtype=torch.float32)                # noqa: E731
-        du, ddelta, dz = new(batch, dim, L), new(batch, dim, L), new(batch, dim, L)
-        dA, dD, dh0 = new(batch, dim, dstate), new(batch, dim), new(batch, dim, dstate)  # per-batch partials
-        dB, dC = new(batch, groups, n_blk, dstate, L), new(batch, groups, n_blk, dstate, L)
-        _scan_bwd_kernel[(batch, groups, n_blk)](
-            u, delta, A, B, C, D, z, bias, h0, ckpt, dout.contiguous(), dlast.float().contiguous(),
-            du, ddelta, dA, dB, dC, dD, dz, dh0, dim, L, dstate, dim_g, ckpt.shape[1], ctx.every, **f)
-        grads = (du, ddelta, dA.sum(0), dB.sum(2), dC.sum(2), dD.sum(0) if f["HAS_D"] else None,
-                 dz if f["HAS_Z"] else None, ddelta.sum((0, 2)) if f["HAS_BIAS"] else None,
-                 dh0 if f["HAS_H0"] else None)
-        ins = (u, delta, A, B, C, D, z, bias, h0)
-        return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, ins)) + (None,)
+        (batch, dim, L), dstate, f = u.shape, A.shape[1], ctx.flags
+        grid, dim_g, _ = _launch(u, A, B)
+        du, ddelta, dz = u.new_empty(3, batch, dim, L, dtype=torch.float32)        # (b, d, l) each
+        (dA, dh0), dD = u.new_empty(2, batch, dim, dstate, dtype=torch.float32), du.new_empty(batch, dim)  # dA, dD:
+        dB, dC = u.new_empty(2, *grid, dstate, L, dtype=torch.float32)            # per-batch, per-program partials
+        _scan_bwd_kernel[grid](u, delta, A, B, C, D, z, bias, h0, ckpt, dout.contiguous(), dlast.float().contiguous(),
+                               du, ddelta, dA, dB, dC, dD, dz, dh0, dim, L, dstate, dim_g, ckpt.shape[1], **f)
+        grads = (du, ddelta, dA.sum(0), dB.sum(2), dC.sum(2), dD.sum(0), dz, ddelta.sum((0, 2)), dh0)
+        used = (True,) * 5 + (f["HAS_D"], f["HAS_Z"], f["HAS_BIAS"], f["HAS_H0"])
+        ins = (u, delta, A, B, C, D, z, bias, h0)                                   # grads in the inputs' dtypes
+        return tuple(g.to(x.dtype) if k else None for g, x, k in zip(grads, ins, used)) + (None,)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -314,14 +284,11 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     """One step: the forward kernel at L = 1 reads its initial state from `state` and writes its last state
     (its only checkpoint) back into it -- in place, as each program reads its own tile before writing it."""
     _validate(x, dt, A, B, C, D, z, dt_bias, state, step=True)
-    s = state if state.is_contiguous() else state.contiguous()
-    col = lambda v: None if v is None else v.contiguous()[..., None]              # noqa: E731  (..., 1)
-    c = lambda v: None if v is None else v.contiguous()                           # noqa: E731
-    B, C = (v[:, None] if v.dim() == 2 else v for v in (B, C))                    # (b, g, n)
-    y, _ = _forward(col(x), col(dt), c(A), col(B), col(C), c(D), col(z), c(dt_bias), s, dt_softplus,
-                    s.view(s.shape[0], 1, *s.shape[1:]))                           # (b, d, 1)
-    if s is not state:
-        state.copy_(s)
+    s, (B, C) = state.contiguous(), (v[:, None] if v.dim() == 2 else v for v in (B, C))   # B, C (b, g, n)
+    x, dt, A, B, C, D, z, dt_bias = (None if v is None else v.contiguous() for v in (x, dt, A, B, C, D, z, dt_bias))
+    y, _ = _forward(x[..., None], dt[..., None], A, B[..., None], C[..., None], D,
+                    None if z is None else z[..., None], dt_bias, s, dt_softplus, s[:, None])   # (b, d, 1)
+    state.copy_(s) if s is not state else None
     return y[..., 0]
 
 
@@ -330,11 +297,10 @@ TORCH_CHUNK = 1 << 17    # state elements (batch_chunk * dim * dstate) per step 
 
 
 class _ScanTorch(torch.autograd.Function):
-    """The recurrence step by step over batch chunks that fit in the cache, with the state laid out
-    dstate-major (n, b, g, dg) so every product is a broadcast and every sum over n adds whole slabs, exp(x)
-    as exp2(x log2 e) (~4x faster on CPUs), every big temporary preallocated (fresh pages are slow), and a
-    hand-written backward that recomputes the chunk's states. Inputs float32/64, time-major: u, delta
-    (l, b, d) with delta already biased and softplus'ed; B, C (l, n, b, g); A (d, n); h0 (n, b, d)."""
+    """The recurrence step by step over batch chunks that fit in the cache; state dstate-major (n, b, g, dg) so
+    products broadcast and sums over n add whole slabs; exp(x) as exp2(x log2 e) (~4x faster on CPUs); big
+    temporaries preallocated (fresh pages are slow); a hand-written backward recomputing the chunk's states.
+    Inputs float32/64, time-major: u, delta (l, b, d), delta biased and softplus'ed; B, C (l, n, b, g)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0):
@@ -380,13 +346,13 @@ def _chunk_states(u, delta, A, B, h0):
     Hs, As, work = (u.new_empty(k, n, min(step, batch), g, dim // g) for k in (L + 1, L, 3))
     for b0 in range(0, batch, step):
         rows, bc = slice(b0, b0 + step), min(step, batch - b0)
-        Hs[0, :, :bc] = h0[:, rows].view(n, bc, g, -1)
+        H, At = Hs[:, :, :bc], As[:, :, :bc]                                       # this chunk's part
+        H[0] = h0[:, rows].view(n, bc, g, -1)
         for t in range(L):
             dl = delta[t, rows].view(1, bc, g, -1)                                 # (1, bc, g, dg)
-            a = torch.exp2(torch.mul(dl, A2, out=As[t, :, :bc]), out=As[t, :, :bc])
-            torch.mul(a, Hs[t, :, :bc], out=Hs[t + 1, :, :bc]).addcmul_(dl * u[t, rows].view_as(dl),
-                                                                        B[t, :, rows, :, None])
-        yield rows, Hs[:, :, :bc], As[:, :, :bc], work[:, :, :bc]
+            torch.exp2(torch.mul(dl, A2, out=At[t]), out=At[t])                    # a_t
+            torch.mul(At[t], H[t], out=H[t + 1]).addcmul_(dl * u[t, rows].view_as(dl), B[t, :, rows, :, None])
+        yield rows, H, At, work[:, :, :bc]
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -396,7 +362,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     wt, dl = _delta(u, delta, A, B, delta_bias, delta_softplus)                   # (b, d, l)
     h0 = initial_state.to(wt) if initial_state is not None else u.new_zeros(batch, dim, dstate, dtype=wt)
     tm = lambda x: x.to(wt).movedim(-1, 0).contiguous()                          # noqa: E731  (l, b, ...)
-    BC = [(x if x.dim() == 4 else x[:, None]).to(wt).permute(3, 2, 0, 1).contiguous() for x in (B, C)]       # (l, n, b, g)
+    BC = [(x if x.dim() == 4 else x[:, None]).to(wt).permute(3, 2, 0, 1).contiguous() for x in (B, C)]  # l n b g
     y, last = _ScanTorch.apply(tm(u), tm(dl), A.to(wt).contiguous(), *BC, h0.permute(2, 0, 1).contiguous())
     y, last = _gate(y.permute(1, 2, 0), u, D, z), last.permute(1, 2, 0)            # (b, d, l), (b, d, n)
     return (y, last) if return_last_state else y
@@ -429,19 +395,18 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 # ----------------------------------------------------------------------------- `python kernels.py`
 def _inputs(batch, dim, L, dstate=16, device="cpu"):
     """Inputs like the History Compressor's: S4D-real A = -(1..n), softplus'ed delta with a bias, D, z."""
-    g = torch.Generator(device).manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g, device=device)                    # noqa: E731
+    torch.manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=device)                                 # noqa: E731
     A = -torch.arange(1, dstate + 1, device=device).float().repeat(dim, 1)        # (d, n)
     return [r(batch, dim, L), r(batch, dim, L) - 3, A, r(batch, dstate, L), r(batch, dstate, L), r(dim),
             r(batch, dim, L), r(dim) * 0.1, True]                                  # u delta A B C D z bias softplus
 
 
 def _time_ms(fn, args, backward, reps):
-    """Fastest of `reps` runs of fn(*args) (and its backward), in milliseconds."""
-    best = float("inf")
+    best = float("inf")                                                            # fastest of reps, in ms
     for _ in range(reps):
-        x, t0 = [a.detach().requires_grad_(backward) if torch.is_tensor(a) else a for a in args], time.perf_counter()
-        y = fn(*x)
+        x = [a.detach().requires_grad_(backward) if torch.is_tensor(a) else a for a in args]
+        t0, y = time.perf_counter(), fn(*x)
         y.backward(torch.ones_like(y)) if backward else None
         torch.cuda.synchronize() if y.is_cuda else None
         best = min(best, time.perf_counter() - t0)
@@ -454,15 +419,13 @@ def main():
                                 "forward and forward+backward at AUSM's shapes (dstate 16, softplus, D, z).")
     p.add_argument("--quick", action="store_true", help="only batch 512 (2 clips x 16 x 16 pixels)")
     p.add_argument("--reps", type=int, default=2, help="timed runs per cell; the table shows the fastest")
-    p.add_argument("--ref-max", type=float, default=1.1e6, help="time the slow reference loop only where "
-                   "batch*dim*L is at most this (~2.5 s per million on a 2-core CPU); 0 = never")
+    p.add_argument("--ref-max", type=float, default=1.1e6, help="time the reference loop only up to this batch*dim*L")
     args = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     paths = {"ref (autograd loop)": selective_scan_ref, "torch (fast path)": selective_scan_torch,
              "triton" + " (interpreter)" * (dev == "cpu"): selective_scan_triton}
-    x = _inputs(3, 8, 5, 4, dev)                                                   # 1) correctness
-    for name, fn in list(paths.items())[1:]:
-        err = (fn(*x) - selective_scan_ref(*x)).abs().max().item()
+    for name, fn in list(paths.items())[1:]:                                       # 1) correctness
+        err = (fn(*_inputs(3, 8, 5, 4, dev)) - selective_scan_ref(*_inputs(3, 8, 5, 4, dev))).abs().max().item()
         print(f"{name:24s} max |y - y_ref| = {err:.1e}  {'ok' if err < 1e-4 else 'WRONG'}")
     paths = {k: v for k, v in paths.items() if dev == "cuda" or "interpreter" not in k}  # meaningless timings
     print(f"\n{'batch':>6s} {'dim':>4s} {'L':>3s}" + "".join(f"{n + ' fwd / fwd+bwd ms':>42s}" for n in paths))
@@ -473,8 +436,9 @@ def main():
             skip = fn is selective_scan_ref and batch * dim * L > args.ref_max
             cells += f"{'-':>42s}" if skip else "{:>31.1f} / {:8.1f}".format(
                 *(_time_ms(fn, x, bwd, args.reps) for bwd in (False, True)))
-        gbs = 4 * batch * dim * L * 5 / _time_ms(paths["triton"], x, False, 3) / 1e6 if dev == "cuda" else 0
-        print(f"{batch:6d} {dim:4d} {L:3d}" + cells + (f"  triton fwd {gbs:.0f} GB/s" if gbs else ""), flush=True)
+        nbytes = 4 * (4 * batch * dim * L + 2 * batch * 16 * L + batch * dim * 16 * -(-L // CHECKPOINT_EVERY))
+        gbs = f"  triton fwd {nbytes / _time_ms(paths['triton'], x, False, 3) / 1e6:.0f} GB/s" if dev == "cuda" else ""
+        print(f"{batch:6d} {dim:4d} {L:3d}" + cells + gbs, flush=True)                # vs peak: H100 SXM 3350
     if not args.quick:                                                             # 3) the 10x target
         x = _inputs(2048, 128, 16, 16, dev)
         ref, fast = (_time_ms(fn, x, True, args.reps) for fn in (selective_scan_ref, selective_scan_torch))

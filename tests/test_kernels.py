@@ -169,12 +169,12 @@ def test_bad_inputs_raise_value_errors():
     x = {k: v.detach() for k, v in x.items() if v is not None}
     bad = [
         (dict(delta=x["delta"][..., :2]), r"delta must have shape \(2, 4, 3\), got \(2, 4, 2\)"),
-        (dict(A=x["A"][:3]), r"A must have shape \(dim=4, dstate\), got \(3, 4\)"),
+        (dict(A=x["A"][:3]), r"A must have shape \(4, 4\), got \(3, 4\)"),
         (dict(B=torch.randn(2, 3, 4, 3), C=torch.randn(2, 3, 4, 3)), "dim=4 must be divisible by groups=3"),
         (dict(C=x["C"][:, :1]), r"C must have shape \(2, 2, 4, 3\), got \(2, 1, 4, 3\)"),
         (dict(D=torch.randn(5)), r"D must have shape \(4,\), got \(5,\)"),
-        (dict(u=x["u"].long()), "u must be a real floating tensor.*torch.int64"),
-        (dict(A=torch.complex(x["A"], x["A"])), "A must be a real floating tensor.*complex64"),
+        (dict(u=x["u"].long()), "u must be a real floating-point tensor.*torch.int64"),
+        (dict(A=torch.complex(x["A"], x["A"])), "A must be a real floating-point tensor.*complex64"),
         (dict(z=x["z"].to("meta")), "z is on meta but u/x is on cpu"),
         (dict(u=x["u"][0]), r"u must have 3 dims, got shape \(4, 3\)"),
     ]
