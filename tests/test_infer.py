@@ -162,3 +162,202 @@ def test_bad_input_is_explained(tmp_path):
     with pytest.raises(SystemExit, match="00002.png"):
         write_palette(tmp_path / "pred" / "seq" / "00001.png", gt[1])
         infer.main(["--eval", "davis", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")])
+
+
+# ----------------------------------------------------------------------------- streaming inference (Segmenter, CLI)
+import dataclasses  # noqa: E402
+import warnings  # noqa: E402
+
+import torch  # noqa: E402
+
+import ausm  # noqa: E402
+import data  # noqa: E402
+
+torch.set_num_threads(1)  # the shared 2-core box: a 2nd thread spin-waits (10x slower)
+
+
+def tiny_model(fg_bias=None, **cfg):
+    """An untrained tiny AUSM at 32x32; fg_bias sets every query's foreground logit bias (+: all fire)."""
+    torch.manual_seed(0)
+    model = ausm.AUSM(ausm.Config.tiny(**{"image_size": 32, **cfg})).eval()
+    if fg_bias is not None:
+        with torch.no_grad():
+            model.pixel_decoder.fg.bias.fill_(fg_bias)
+    return model
+
+
+def save_ckpt(path, model):
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.cfg)}, path)
+    return str(path)
+
+
+def self_ap(results, T, h, w):
+    """results.json against itself as ground truth (the test above, on our own output)."""
+    gt = {"videos": [{"id": 1, "height": h, "width": w, "length": T}], "categories": [{"id": k} for k in range(1, 8)],
+          "annotations": [dict(r, id=n + 1, iscrowd=0) for n, r in enumerate(results)]}
+    return infer.ytvis_ap(gt, results)
+
+
+def test_palette_round_trip(tmp_path):
+    ids = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    data.write_palette_png(tmp_path / "a.png", ids)
+    assert Image.open(tmp_path / "a.png").mode == "P"
+    np.testing.assert_array_equal(data.read_palette_png(tmp_path / "a.png"), ids)
+
+
+def test_prompted_objects_join_on_frames_0_and_5():
+    model, T = tiny_model(), 8
+    frames = torch.rand(T, 3, 32, 32)
+    a, b = np.zeros((32, 32), bool), np.zeros((32, 32), bool)
+    a[4:12, 4:14], b[18:30, 16:28] = True, True
+    seg, seen, step = infer.Segmenter(model, "prompted"), [], model.step
+    model.step = lambda x, state, dataset: seen.append(state.alloc[0, :2].tolist()) or step(x, state, dataset)
+    for t in range(T):
+        ids, scores = seg.step(frames[t], {7: a} if t == 0 else {9: b} if t == 5 else None)
+        assert set(np.unique(ids)) <= {0, 7, 9}                        # original ids, nothing else
+        assert seg.slot == ({7: 0} if t < 5 else {7: 0, 9: 1})          # the later object joins at frame 5
+        assert seg.state.alloc[0].tolist() == [True] * len(seg.slot) + [False] * (16 - len(seg.slot))
+        if t in (0, 5):                                                 # a prompt is that frame's output and history
+            m = a if t == 0 else b
+            assert (ids[m] == (7 if t == 0 else 9)).all() and scores[7 if t == 0 else 9] == 1.0
+            np.testing.assert_array_equal(seg.state.M[0, seg.slot[7 if t == 0 else 9]].numpy(), m)
+        else:                       # tracked: history M = each object's mask (logits > 0); painted where any is
+            M = seg.state.M[0, :len(seg.slot)].numpy() > 0                 # (n, 32, 32): H = W = image_size here
+            np.testing.assert_array_equal(M.any(0), ids > 0)
+            assert all((M[i] | (ids != k)).all() for k, i in seg.slot.items())
+    assert len(set(seg.state.ids[0, :2].tolist())) == 2                # two distinct rows of the ID buffer B
+    # what model.step saw as A_{t-1}: y_0 painted on X_0 at step 0; object 9 is in the history from step 6 on
+    assert seen == [[True, False]] * 6 + [[True, True]] * 2
+
+
+def test_prompted_bad_input_is_explained():
+    seg, m = infer.Segmenter(tiny_model()), np.ones((32, 32), bool)
+    with pytest.raises(ValueError, match="differ from frame 0's size"):
+        seg.step(torch.rand(3, 32, 32), {1: np.ones((16, 32), bool)})
+    seg.step(torch.rand(3, 32, 32), {1: m})
+    with pytest.raises(ValueError, match="differ from frame 0's size"):
+        seg.step(torch.rand(3, 40, 32))
+    with pytest.raises(ValueError, match="N_id=16"):
+        seg.step(torch.rand(3, 32, 32), {k: m for k in range(2, 20)})
+    with pytest.raises(ValueError, match="mode='prompted'"):
+        infer.Segmenter(tiny_model(), "unprompted").step(torch.rand(3, 32, 32), {1: m})
+
+
+def test_unprompted_top_k_and_buffer_exhaustion():
+    frames = torch.rand(6, 3, 32, 32)
+    seg = infer.Segmenter(tiny_model(fg_bias=4.0), "unprompted", top_k=3)   # every detection fires
+    for t, f in enumerate(frames):
+        ids, scores = seg.step(f)
+        assert 0 < len(set(np.unique(ids)) - {0}) <= 3 and len(scores) <= 3
+        assert len(seg.slot) <= 3 * (t + 1)                            # at most top_k new objects a frame
+    seg = infer.Segmenter(tiny_model(fg_bias=4.0), "unprompted", top_k=100)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for f in frames:
+            ids, _ = seg.step(f)
+            assert ids.max() <= 16
+    assert len([x for x in w if "ID buffer (N_id=16) is full" in str(x.message)]) == 1
+    assert sorted(seg.slot) == list(range(1, 17)) and bool(seg.state.alloc.all())
+    assert all(0 <= c < 6 and 0 < s <= 1 for _, c, s in seg.tracks())
+
+
+def test_tts_keeps_the_last_T_of_1_to_T_back_and_forth():
+    model, frames = tiny_model(fg_bias=4.0), torch.rand(5, 3, 32, 32)
+    got = list(infer.segment(infer.Segmenter(model, "unprompted"), 5, lambda t: (frames[t], str(t)), tts=True))
+    ref, order = infer.Segmenter(model, "unprompted"), [0, 1, 2, 3, 4, 3, 2, 1, 0, 1, 2, 3, 4]
+    want = [ref.step(frames[t])[0] for t in order][-5:]                 # a plain loop over the paper's order
+    assert [g[0] for g in got] == list(range(5))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g[3], w)
+
+
+def test_constant_memory_over_1000_frames():
+    def rss():
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2 ** 20   # MB resident now
+    name, T, hw, frame, gt = infer.open_video("synthetic", 1000, 32)
+    seg, sizes = infer.Segmenter(tiny_model()), set()
+    for n, (t, *_) in enumerate(infer.segment(seg, T, frame, lambda t, s: {k: gt(t) == k for k in np.unique(gt(t)) if k})):
+        sizes.add(seg.state.nbytes())
+        if n == 99:
+            at_100 = rss()
+    assert n == 999 and len(sizes) == 1 and seg.slot
+    assert rss() - at_100 < 4, f"memory grew from {at_100:.1f} MB to {rss():.1f} MB over 900 frames"
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    clip = data.heldout("synthetic", 1, 6, 48)[0]
+    for t, f in enumerate(clip.frames):                                 # a 40x48 video (not the model's 32x32)
+        Image.fromarray((f[:, :40].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / f"{t:05d}.jpg")
+    ck = save_ckpt(tmp_path / "ck.pt", tiny_model(fg_bias=4.0))
+    infer.main(["--checkpoint", ck, "--video", str(tmp_path), "--out", str(tmp_path / "o"), "--mode", "unprompted",
+                "--gif-frames", "4"])
+    assert "frames/s" in capsys.readouterr().out
+    pngs = sorted((tmp_path / "o" / tmp_path.name).glob("*.png"))
+    assert [p.stem for p in pngs] == [f"{t:05d}" for t in range(6)]
+    assert all(data.read_palette_png(p).shape == (40, 48) for p in pngs)
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results and all(len(r["segmentations"]) == 6 for r in results)
+    for t, p in enumerate(pngs):                                        # results.json and the PNGs say the same
+        ids = data.read_palette_png(p)
+        assert sorted(infer._decode(r["segmentations"][t], 40, 48).sum() for r in results if r["segmentations"][t]) \
+            == sorted(np.bincount(ids.ravel())[1:][np.bincount(ids.ravel())[1:] > 0].tolist())
+    assert self_ap(results, 6, 40, 48)["AP"] == pytest.approx(1.0)
+    with Image.open(tmp_path / "o" / f"{tmp_path.name}.gif") as gif:
+        assert gif.n_frames == 4 and gif.size == (48, 40)
+    prompt = np.zeros((40, 48), np.uint8)
+    prompt[5:20, 5:20], prompt[25:35, 30:45] = 3, 8
+    data.write_palette_png(tmp_path / "prompt.png", prompt)
+    (tmp_path / "gif").mkdir()
+    with Image.open(tmp_path / "o" / f"{tmp_path.name}.gif") as gif:                # an animated GIF as the video
+        gif.save(tmp_path / "gif" / "v.gif", save_all=True)
+    infer.main(["--checkpoint", ck, "--video", str(tmp_path / "gif" / "v.gif"), "--out", str(tmp_path / "p"),
+                "--prompt", str(tmp_path / "prompt.png"), "--tts"])
+    first = data.read_palette_png(tmp_path / "p" / "v" / "00000.png")
+    assert set(np.unique(first)) <= {0, 3, 8} and len(list((tmp_path / "p" / "v").glob("*.png"))) == 4
+
+
+def test_cli_without_arguments(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="runs/stage1/ckpt.pt.*python train.py --stage 1"):
+        infer.main([])                                                  # says which command to run first
+    (tmp_path / "runs" / "stage1").mkdir(parents=True)
+    save_ckpt(tmp_path / "runs" / "stage1" / "ckpt.pt", tiny_model())
+    infer.main([])                                                      # a synthetic held-out video, prompted
+    assert "synthetic-val-000: 16 frames" in capsys.readouterr().out
+    assert len(list((tmp_path / "runs" / "infer" / "synthetic-val-000").glob("*.png"))) == 16
+
+
+def test_cli_bad_input_is_explained(tmp_path):
+    ck = save_ckpt(tmp_path / "ck.pt", tiny_model())
+    (tmp_path / "empty").mkdir()
+    run = lambda *a: infer.main(["--checkpoint", ck, "--out", str(tmp_path / "o"), *a])   # noqa: E731
+    with pytest.raises(SystemExit, match="no .jpg/.jpeg/.png frames"):
+        run("--video", str(tmp_path / "empty"))
+    (tmp_path / "v").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "v" / "00000.png")
+    (tmp_path / "v" / "00001.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit, match="00001.jpg: cannot decode"):
+        run("--video", str(tmp_path / "v"), "--mode", "unprompted")
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(tmp_path / "v" / "00001.jpg")
+    with pytest.raises(SystemExit, match="00001.jpg.*resize"):
+        run("--video", str(tmp_path / "v"), "--mode", "unprompted")
+    data.write_palette_png(tmp_path / "p.png", np.ones((16, 16), np.uint8))
+    with pytest.raises(SystemExit, match="p.png: prompt is .*resize the masks"):
+        run("--video", str(tmp_path / "v"), "--prompt", str(tmp_path / "p.png"))
+    with pytest.raises(SystemExit, match="--mode prompted needs"):
+        run("--video", str(tmp_path / "v"))
+    data.write_palette_png(tmp_path / "p.png", np.arange(32 * 32).reshape(32, 32) % 20)
+    with pytest.raises(SystemExit, match="N_id=16"):
+        run("--video", str(tmp_path / "v"), "--prompt", str(tmp_path / "p.png"), "--num-frames", "1")
+    other = torch.load(ck, weights_only=False)
+    other["config"]["D"] = 32                                           # weights of D=64, config says D=32
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="other.pt.*python train.py --stage 1"):
+        infer.main(["--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="nope.pt.*python train.py --stage 1"):
+        infer.main(["--checkpoint", str(tmp_path / "nope.pt")])
+
+
+def test_heldout_scores_runs_both_protocols():
+    s = infer.heldout_scores(tiny_model(), data.heldout("synthetic", 2, 4, 32))
+    assert set(s) == {"J&F", "J", "F", "AP", "AP50", "AR10"} and 0 <= s["J&F"] <= 1 and -1 <= s["AP"] <= 1
