@@ -63,6 +63,7 @@ CASES = [
     (2, 6, 5, 4, 2, "", 128, 8),          # odd L, groups 2, no options, dim per group 3 (masked block of 4)
     (1, 5, 7, 16, 1, "Dzsh3", 4, 3),      # dim 5 = two blocks of 4, L 7 > 3 steps per checkpoint segment
     (1, 8, 6, 4, 2, "bsh", 2, 4),         # groups 2 with two blocks each, L = 6 over segments of 4
+    (1, 130, 20, 16, 1, "Dzbs", 128, 8),  # default blocks: 128 + 2 masked channels, L 20 = 3 segments of 8
 ]
 
 
@@ -159,6 +160,15 @@ def test_dispatch_override(monkeypatch):
     for path in ("auto", "torch", "ref", "triton"):
         monkeypatch.setattr(kernels, "SCAN_PATH", path)
         torch.testing.assert_close(kernels.selective_scan(**x), y0, rtol=1e-5, atol=1e-5)
+    x = {k: None if v is None else v.detach() for k, v in x.items()}
+    step = (x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0], x["C"][..., 0], x["D"])
+    first = {k: v[..., :1] if k in ("u", "delta", "B", "C") else v for k, v in x.items()}   # L = 1
+    y1, h1 = kernels.selective_scan_ref(**first, return_last_state=True)
+    for path in ("torch", "triton"):                                               # torch -> the reference step
+        monkeypatch.setattr(kernels, "SCAN_PATH", path)
+        state = torch.zeros(2, 4, 4)
+        torch.testing.assert_close(kernels.selective_state_update(state, *step), y1[..., 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state, h1, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(kernels, "SCAN_PATH", "cuda")
     with pytest.raises(ValueError, match="SCAN_PATH"):
         kernels.selective_scan(**x)
