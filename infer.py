@@ -347,7 +347,7 @@ def load_model(path, device="cpu"):  # a train.py checkpoint -> AUSM in eval mod
         (model := ausm.AUSM(ausm.Config(**ck["config"]))).load_state_dict(ck["model"])
     except Exception as e:  # missing, not a checkpoint, or weights from another config
         raise (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(
-            f"checkpoint {path}: {str(e).splitlines()[0][:200]}; train one with this code: python train.py --stage 1"
+            f"checkpoint {path}: {type(e).__name__} {str(e)[:200]}; train one with this code: python train.py --stage 1"
             " (its weights must fit the Config saved with them)") from None
     return model.to(device).eval()
 
