@@ -347,7 +347,8 @@ def load_model(path, device="cpu"):  # a train.py checkpoint -> AUSM in eval mod
         (model := ausm.AUSM(ausm.Config(**ck["config"]))).load_state_dict(ck["model"])
     except Exception as e:  # missing, not a checkpoint, or weights from another config
         raise (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(
-            f"checkpoint {path}: {type(e).__name__} {str(e)[:200]}; train one with this code: python train.py --stage 1"
+            f"checkpoint {path}: {type(e).__name__} {' '.join(str(e).split())[:160]}; train one with this code: "
+            "python train.py --stage 1"
             " (its weights must fit the Config saved with them)") from None
     return model.to(device).eval()
 
@@ -374,7 +375,9 @@ def run(args):  # the inference command line: <out>/<video>/<frame>.png, <out>/r
                 gif.append(Image.fromarray(np.where(ids[..., None], (rgb + pal[ids % 256]) / 2, rgb).astype("uint8")))
             yield ids
     seg, gif, t0 = Segmenter(model, args.mode, args.dataset, args.top_k), [], time.time()
-    (out / "results.json").write_text(json.dumps(_results(seg.tracks, outputs(), 1)))  # after the last frame
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.json", "w") as f:  # streamed out; its RLEs are held until the video ends (the format)
+        json.dump(_results(seg.tracks, outputs(), 1), f)
     gif[0].save(out / f"{name}.gif", save_all=True, append_images=gif[1:], duration=100, loop=0)
     dt, rss = time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(f"{name}: {T} frames in {dt:.1f} s = {T / dt:.1f} frames/s ({args.mode}{', tts' if args.tts else ''}) | peak "
