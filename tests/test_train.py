@@ -1,6 +1,7 @@
 """Tests for train.py: matcher vs brute force, preprocess invariants, losses with known optima, the
 parallel == iterative equivalence, overfitting, resume, NaN, frozen backbone, and a 2-process DDP run."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -199,18 +200,14 @@ def test_criterion_zero_logits_hand_computed():
         out = {"fg": torch.zeros(P, B, T, N + 5), "cls": torch.zeros(P, B, T, N + 5, K + 1) if cls else None,
                "masks": torch.zeros(P, B, T, N + 5, h, w)}
         loss, parts = train.criterion(out, batch)
-        ce = math_log(2) + (math_log(K + 1) if cls else 0)
+        ce = math.log(2) + (math.log(K + 1) if cls else 0)
         dice = lambda sel: np.mean([1 - (tgt[b, t, n].sum().item() + 1) / (h * w / 2 + tgt[b, t, n].sum().item() + 1)
                                     for b, t, n in sel.nonzero().tolist()])
-        want = {"trk_cls": 2 * ce, "trk_bce": 5 * math_log(2), "trk_dice": 5 * dice(trk & vis),
-                "det_cls": 2 * ce, "det_bce": 5 * math_log(2), "det_dice": 5 * dice(det)}
+        want = {"trk_cls": 2 * ce, "trk_bce": 5 * math.log(2), "trk_dice": 5 * dice(trk & vis),
+                "det_cls": 2 * ce, "det_bce": 5 * math.log(2), "det_dice": 5 * dice(det)}
         for k in want:
             assert parts[k] == pytest.approx(P * want[k], rel=1e-5), k
         assert loss.item() == pytest.approx(P * sum(want.values()), rel=1e-5)
-
-
-def math_log(x):
-    return float(np.log(x))
 
 
 def test_criterion_detection_order_does_not_matter_and_deep_supervision_sums():
