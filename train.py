@@ -350,6 +350,8 @@ def main(argv=None, **overrides):
     if world > 1:
         if args.iterative or args.benchmark:
             raise ValueError("--iterative and --benchmark run in one process; launch without torchrun")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # this rank's GPU (LOCAL_RANK)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(args.seed)
     if args.threads:
@@ -393,7 +395,8 @@ def main(argv=None, **overrides):
             print(f"step {step}: loss is {loss}; stopping. Last good checkpoint: {good}. Try a lower --lr.", flush=True)
             return 1
         sums, n = {k: sums.get(k, 0.0) + v for k, v in {"loss": loss, **parts}.items()}, n + 1
-        out_of_time = torch.tensor(float(args.time_limit > 0 and time.time() - t_start > 60 * args.time_limit))
+        out_of_time = torch.tensor(float(args.time_limit > 0 and time.time() - t_start > 60 * args.time_limit),
+                                   device=device)  # (nccl reduces CUDA tensors only)
         if world > 1:  # every rank stops at the same step
             torch.distributed.all_reduce(out_of_time, torch.distributed.ReduceOp.MAX)
         if step % args.log_every == 0 or step == args.max_iters or out_of_time:
