@@ -111,6 +111,7 @@ def _gate(y, u, D, z):  # (y + D u) * silu(z), each term optional, returned in u
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One step of the recurrence (the scan at L=1 from `state`); updates state in place, returns y (b, d)."""
+    _validate(x, dt, A, B, C, D, z, dt_bias, state, step=True)                    # messages name x, dt, state
     col = lambda v: None if v is None else v[..., None]                           # noqa: E731  (..., 1)
     y, new = selective_scan_ref(col(x), col(dt), A, col(B), col(C), D, col(z), dt_bias, dt_softplus, True, state)
     state.copy_(new)
@@ -266,9 +267,8 @@ class _ScanTriton(torch.autograd.Function):
         _scan_bwd_kernel[grid](u, delta, A, B, C, D, z, bias, h0, ckpt, dout.contiguous(), dlast.float().contiguous(),
                                du, ddelta, dA, dB, dC, dD, dz, dh0, dim, L, dstate, dim_g, ckpt.shape[1], **f)
         grads = (du, ddelta, dA.sum(0), dB.sum(2), dC.sum(2), dD.sum(0), dz, ddelta.sum((0, 2)), dh0)
-        used = (True,) * 5 + (f["HAS_D"], f["HAS_Z"], f["HAS_BIAS"], f["HAS_H0"])
         ins = (u, delta, A, B, C, D, z, bias, h0)                                   # grads in the inputs' dtypes
-        return tuple(g.to(x.dtype) if k else None for g, x, k in zip(grads, ins, used)) + (None,)
+        return tuple(g.to(x.dtype) if k else None for g, x, k in zip(grads, ins, ctx.needs_input_grad)) + (None,)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
