@@ -264,7 +264,7 @@ class Segmenter:
                 self.full = self.full or not warnings.warn(f"frame {self.t}: the ID buffer (N_id={N}) is full; "
                                                            "no new objects from here on")
                 continue
-            k = k or len(self.slot) + 1  # a detection gets a fresh id and joins A_t with its mask:
+            k = k or len(self.slot) + 1  # a detection (q >= N) gets a fresh id and joins A_t with its mask
             self._join({k: _up(logits[q:q + 1], (S, S))[0] > 0} if q >= N else {})
             paint.append((k, q))
         self._join(small)
