@@ -1,12 +1,20 @@
-"""Tests for infer.py's metrics: golden files from davis2017-evaluation and the YouTube-VIS cocoapi fork."""
+"""Tests for infer.py: metrics against golden files (davis2017-evaluation, the YouTube-VIS cocoapi fork), then the
+streaming Segmenter and the inference CLI (mechanics with an untrained tiny model, constant memory, bad input)."""
+import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import ausm
+import data
 import infer
+
+torch.set_num_threads(1)  # the shared 2-core box: a 2nd thread spin-waits (10x slower)
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 
@@ -165,15 +173,6 @@ def test_bad_input_is_explained(tmp_path):
 
 
 # ----------------------------------------------------------------------------- streaming inference (Segmenter, CLI)
-import dataclasses  # noqa: E402
-import warnings  # noqa: E402
-
-import torch  # noqa: E402
-
-import ausm  # noqa: E402
-import data  # noqa: E402
-
-torch.set_num_threads(1)  # the shared 2-core box: a 2nd thread spin-waits (10x slower)
 
 
 def tiny_model(fg_bias=None, **cfg):
