@@ -139,6 +139,7 @@ class HistoryMarker(nn.Module):
         super().__init__()
         self.eps = eps
 
+    # EXERCISE 1: write forward (the S_t equation above); done when `python -m pytest --exercise 1` passes.
     def forward(self, A, M, size):  # A (n, N, D); M (n, N, Hm, Wm) in [0, 1]; size = (h, w)
         (h, w), (Hm, Wm) = size, M.shape[-2:]
         if Hm % h or Wm % w:
@@ -183,6 +184,8 @@ class Mamba(nn.Module):
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (b, di, L)
         return self.out_proj(y.transpose(1, 2))  # (b, L, D)
 
+    # EXERCISE 2: write step (one time step of forward, state not updated in place); done when
+    # `python -m pytest --exercise 2` passes.
     def step(self, u, conv_state, ssm_state):  # u (b, D); conv (b, di, d_conv); ssm (b, di, N) fp32
         x, z = self.in_proj(u).chunk(2, -1)  # (b, di) each
         conv_state = torch.cat([conv_state[..., 1:], x[..., None]], -1)  # (b, di, d_conv)
