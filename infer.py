@@ -53,7 +53,7 @@ def _dilate(b, r):
             out |= padded[r + dy:r + dy + h, r + dx:r + dx + w]
     return out
 
-def davis_f(pred, gt, bound_th=0.008):
+def davis_f(pred, gt, bound_th=0.008):  # EXERCISE 7: done when `python -m pytest --exercise 7` passes
     """Boundary measure F of one frame: F1 of boundary pixels matched within ceil(bound_th * diagonal)."""
     pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
     r = int(bound_th if bound_th >= 1 else np.ceil(bound_th * np.linalg.norm(gt.shape)))
@@ -217,6 +217,7 @@ def ytvis_ap(gt_dataset, results):
 def _up(x, size):  # (n, h, w) -> (n, *size), bilinear; n may be 0
     return F.interpolate(x[None], size, mode="bilinear")[0] if len(x) else x.new_zeros(0, *size)
 
+# EXERCISE 9 (open): box_to_mask(frame, box) -> a mask prompt for Segmenter; done when pytest --exercise 9 passes
 class Segmenter:
     """Alg. 1 around model.step: step(frame (3, H, W) in [0, 1], prompts) -> (id map (H, W), {id: fg prob}).
     prompted: a prompt {new id: bool (H, W)} on any frame gives the object the next slot (a row of B drawn by the
@@ -302,7 +303,7 @@ def open_video(video, num_frames=None, size=128):
         return torch.from_numpy(img).permute(2, 0, 1).float() / 255, files[t].stem if files else f"{t:05d}"
     return p.stem, min(len(files) if files else getattr(gif, "n_frames", 1), num_frames or 1 << 62), hw, frame, None
 
-def segment(seg, T, frame, prompts=lambda t, stem: None, tts=False):
+def segment(seg, T, frame, prompts=lambda t, stem: None, tts=False):  # EXERCISE 8: done: pytest --exercise 8
     """Yield (t, stem, frame, id map, scores), t < T, one frame at a time; tts (Sec. 3.4): 1..T, T-1..1, 2..T."""
     order = [*range(T), *(range(T - 2, -1, -1) if tts else ()), *(range(1, T) if tts else ())]
     for n, t in enumerate(order):
