@@ -76,7 +76,8 @@ def test_blanked_file_fails_its_check_end_to_end(tmp_path):
     done = subprocess.run([sys.executable, "tests/exercises.py", "blank", "1"], cwd=tmp_path, capture_output=True,
                           text=True)
     assert done.returncode == 0 and "blanked ausm:HistoryMarker.forward" in done.stdout, done.stderr
-    listed = subprocess.run([sys.executable, "tests/exercises.py", "list"], cwd=tmp_path, capture_output=True, text=True)
+    listed = subprocess.run([sys.executable, "tests/exercises.py", "list"], cwd=tmp_path, capture_output=True,
+                            text=True)
     assert all(f"python -m pytest --exercise {n}" in listed.stdout for n in exercises.EXERCISES), listed.stderr
     rc, out = finish(pytest_run(["--exercise", "1"], cwd=tmp_path))
     assert rc == 1 and "NotImplementedError: EXERCISE 1" in out, out
