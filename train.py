@@ -41,7 +41,7 @@ STAGE_FRAMES = {1: 3, 2: 5, 3: 16}
 
 
 # ----------------------------------------------------------------------------- Hungarian matching
-def hungarian(cost):
+def hungarian(cost):  # EXERCISE 6: done when `python -m pytest --exercise 6` passes
     """Minimum-cost assignment like scipy's linear_sum_assignment (shortest augmenting paths, O(n^2 m)).
     cost (n, m) -> (rows, cols): min(n, m) pairs, rows ascending, each row and each column used once."""
     C = np.asarray(cost, dtype=np.float64)
@@ -85,7 +85,7 @@ def hungarian(cost):
 PROMPTED_DATASETS = ("synthetic", "davis", "mose", "ytvos")  # [D] class-agnostic VOS sets (+ synthetic)
 
 
-def preprocess(clips, cfg, generator, p_prompt=0.5):
+def preprocess(clips, cfg, generator, p_prompt=0.5):  # EXERCISE 5: done when `python -m pytest --exercise 5` passes
     """B Clips (same T, H, W and dataset) -> the teacher-forced batch of Alg. 2 (paper steps t = 1..T).
 
     Instance i of sample b gets ids[b, i] (a distinct random row of the ID buffer B) and a switch time
