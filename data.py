@@ -5,13 +5,12 @@ Paper (Heo et al., arXiv 2508.19242): Sec. 3's recipe trains stage 1 on pseudo-v
   rotation) with instance ids kept; stages 2/3 on T-frame clips of real videos (YouTube-VOS, MOSE,
   YouTube-VIS, OVIS) sampled in order with a random stride, longer in stage 3 (the caller's T). Sec. 2.3:
   each dataset has its own class head, NUM_CLASSES (0 = class-agnostic VOS data); Clip.dataset picks it.
-What differs: nothing can be downloaded, so the default is a procedural world ("synthetic"): a textured
-  background and 1-5 objects of 6 shape categories in distinct striped colours. Stage 1 makes pseudo-videos
-  of a still scene as above; stages 2/3 get videos where objects move, scale and rotate along smooth paths,
-  occlude each other (depth order), leave the frame and come back, and appear mid-video, over a panning
-  background. Frames are resized to a square `size` (the paper keeps the aspect ratio, at larger sizes).
-  Real formats (../shared/EVALUATION.md) are read with numpy + PIL; `python data.py --write davis:DIR`
-  writes the synthetic set in them. RLE and polygons match pycocotools bit for bit (golden tests).
+What differs: nothing can be downloaded, so the default is a procedural world ("synthetic"): a textured background
+  and 1-5 objects of 6 shape categories in distinct striped colours. Stage 1 makes pseudo-videos of a still scene
+  as above; stages 2/3 get videos where objects move, scale and rotate along smooth paths, occlude each other (depth
+  order), leave the frame and come back, and appear mid-video, over a panning background. Frames are resized to a
+  square `size` (the paper keeps the aspect ratio). Real formats (../shared/EVALUATION.md) are read with numpy + PIL
+  (RLE, polygons as pycocotools, bit for bit); `python data.py --write davis:DIR` writes the synthetic set in them.
 Left out: dataset mixture weights, SA-1B, large-scale jitter, colour augmentation, aspect-preserving resize.
 """
 import argparse
@@ -84,9 +83,7 @@ def rle_encode(mask):
         raise ValueError(f"rle_encode expects one (h, w) mask, got shape {m.shape}")
     flat = (m != 0).ravel(order="F")                                    # (h*w,) column-major
     edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
-    if flat.size and flat[0]:
-        counts = [0] + counts                                           # runs start with zeros
+    counts = [0] * int(flat.size > 0 and flat[0]) + np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
     return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": _counts_to_string(counts)}
 
 def rle_decode(rle):
@@ -128,8 +125,7 @@ def _poly_mask(xy, h, w, scale=5.0):
         xs, xe, ys, ye = int(x[j]), int(x[j + 1]), int(y[j]), int(y[j + 1])
         dx, dy = abs(xe - xs), abs(ye - ys)
         flip = (dx >= dy and xs > xe) or (dx < dy and ys > ye)
-        if flip:
-            xs, xe, ys, ye = xe, xs, ye, ys
+        xs, xe, ys, ye = (xe, xs, ye, ys) if flip else (xs, xe, ys, ye)
         t = np.arange(max(dx, dy) + 1)
         t = max(dx, dy) - t if flip else t
         if dx >= dy:                          # step along x, round y (and the other way round)
@@ -316,8 +312,7 @@ def _load_json(path):
 
 def _png_ann(pngs, t, h, w, known=None, meta=None):
     """Ids of palette PNG `pngs[t]` (255 = void -> background). No PNG -> no annotation ({})."""
-    p = pngs[t]
-    if not p.is_file():
+    if not (p := pngs[t]).is_file():
         return {}
     ids = read_palette_png(p)
     if ids.shape != (h, w):
@@ -381,6 +376,11 @@ def _json_videos(path, imgdir, dataset):
     """YouTube-VIS 2019/2021, OVIS (per-frame segmentations, null = absent), COCO (an image = a one-frame video,
     made a pseudo-video by _read_clip). Crowd annotations are dropped."""
     d, coco = _load_json(path), dataset == "coco"
+    need = {"images": "id file_name height width", "annotations": "id image_id category_id segmentation"} if coco \
+        else {"videos": "id file_names height width", "annotations": "id video_id category_id segmentations"}
+    for part, i, x in ((p, i, x) for p in need for i, x in enumerate(d.get(p, []))):
+        if miss := [k for k in need[part].split() if not isinstance(x, dict) or k not in x]:
+            raise ValueError(f"{path}: {part}[{i}] has no {miss}; each entry of {part!r} needs {need[part].split()}")
     cats = {c: i for i, c in enumerate(sorted(c["id"] for c in d.get("categories", [])))}   # id -> [0, K)
     if coco:   # the same shape as YouTube-VIS: images -> videos of one frame
         d["videos"] = [dict(im, file_names=[im["file_name"]]) for im in d.get("images", [])]

@@ -406,6 +406,22 @@ def test_ytvis_bad_input(tmp_path):
         data.heldout(f"ytvis19:{js}:{img}", T=1, size=S)
 
 
+def test_json_missing_keys_are_named(tmp_path):
+    js, img = _vis_json(tmp_path)
+    d = json.loads(js.read_text())
+    del d["videos"][0]["height"], d["annotations"][1]["video_id"]
+    js.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"vis\.json: videos\[0\] has no \['height'\]; each entry of 'videos' needs"):
+        data.heldout(f"ytvis19:{js}:{img}", T=None, size=S)
+    d["videos"][0]["height"] = S
+    js.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"annotations\[1\] has no \['video_id'\]"):
+        data.heldout(f"ovis:{js}:{img}", T=None, size=S)
+    js.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "height": S}], "annotations": []}))
+    with pytest.raises(ValueError, match=r"images\[0\] has no \['width'\]"):
+        data.heldout(f"coco:{js}:{img}", size=S)
+
+
 def test_coco_reader_makes_pseudo_videos(tmp_path):
     img = tmp_path / "imgs"
     _write_frame(img / "one.jpg", 0, [1, 2, 3])
