@@ -12,6 +12,8 @@ What differs ([D] = our decision in ../shared/AUSM.md):
     give t_i = 0 with prob. 0.5 to objects visible in frame 1 (y_1 painted on X_0).
   - Losses on the full stride-4 mask (no point sampling), targets area-downsampled to H/4 (soft); one
     foreground logit for every dataset plus the dataset's class head where it has classes.
+  - An absent tracked object is "no object" with its mask supervised empty (AUSM.md: no mask loss): prompted output
+    is unfiltered, and emptying absent objects' masks alone lifts a model's held-out J&F 0.754 -> 0.849 (measured).
   - The paper sums L over t; we average every term over its targets (queries, masks) in the batch as
     Mask2Former averages over images, so the scale does not grow with T. The normalisers are summed over
     DDP ranks: N ranks give exactly one process's gradients on the combined batch. Gradient norm clip 1.
@@ -166,10 +168,10 @@ def criterion(out, batch):
     K = cls.shape[-1] - 1 if cls is not None else 0
     lab = batch["labels"][:, None, :].expand(Bsz, T, N)  # (B, T, N)
     lab = torch.where(lab >= 0, lab, torch.full_like(lab, -100))  # no class: ignored by the class CE
-    # L_trk: tracking query i <-> instance i (fixed); an absent tracked object is "no object", no mask loss
+    # L_trk: tracking query i <-> instance i (fixed); an absent tracked object is "no object" with an empty mask
     w = (trk * torch.where(vis, 1.0, NO_OBJECT_WEIGHT)).expand(P, -1, -1, -1)  # (P, B, T, N)
     cls_t = torch.where(vis, lab, torch.full_like(lab, K)).expand(P, -1, -1, -1)  # (P, B, T, N)
-    b, t, n = (trk & vis).nonzero(as_tuple=True)  # (M,) each: tracked and visible
+    b, t, n = trk.nonzero(as_tuple=True)  # (M,) each: every tracked (b, t, i); an absent one's target is empty
     p = torch.arange(P, device=dev).repeat_interleave(len(b))  # (P*M,): every prediction
     b, t, n = b.repeat(P), t.repeat(P), n.repeat(P)  # (P*M,) each
     num_trk, den_trk = _set_loss(fg[..., :N], cls[..., :N, :] if cls is not None else None, masks[:, :, :, :N],

@@ -175,7 +175,8 @@ def make_out(batch, P=2, Nd=5, K=6, perfect=True, L=20.0, seed=0):
         for t in range(T):
             for i in range(N):
                 if trk[b, t, i]:
-                    put(b, t, i, i if vis[b, t, i] else None)  # absent: no object, garbage mask
+                    put(b, t, i, i if vis[b, t, i] else None)
+                    masks[:, b, t, i] = L * (2 * tgt[b, t, i] - 1)  # absent: no object with an empty mask
             targets = det[b, t].nonzero()[:, 0].tolist()[::-1]  # any order: matching finds it
             for j in range(Nd):
                 put(b, t, N + j, targets[j] if j < len(targets) else None)
@@ -188,6 +189,22 @@ def test_criterion_perfect_prediction_is_near_zero():
     assert loss.item() < 1e-4 and set(parts) == {"trk_cls", "trk_bce", "trk_dice", "det_cls", "det_bce", "det_dice"}
     loss_rand, _ = train.criterion(make_out(batch, perfect=False), batch)
     assert loss_rand.item() > 10
+
+
+def test_criterion_absent_tracked_object_needs_an_empty_mask():
+    batch = make_batch(seed=2)
+    gone = batch["tracked"] & ~batch["visible"]  # (B, T, N)
+    for seed in range(20):
+        if gone.any():
+            break
+        batch = make_batch(seed=seed + 10)
+        gone = batch["tracked"] & ~batch["visible"]
+    assert gone.any(), "no batch with an absent tracked object"
+    out = make_out(batch)
+    b, t, n = gone.nonzero()[0].tolist()
+    out["masks"][:, b, t, n] = 20.0  # the absent object's query paints the whole frame
+    loss, parts = train.criterion(out, batch)
+    assert parts["trk_bce"] > 0.1 and parts["trk_dice"] > 0.1 and parts["det_bce"] < 1e-4
 
 
 def test_criterion_zero_logits_hand_computed():
@@ -203,7 +220,7 @@ def test_criterion_zero_logits_hand_computed():
         ce = math.log(2) + (math.log(K + 1) if cls else 0)
         dice = lambda sel: np.mean([1 - (tgt[b, t, n].sum().item() + 1) / (h * w / 2 + tgt[b, t, n].sum().item() + 1)
                                     for b, t, n in sel.nonzero().tolist()])
-        want = {"trk_cls": 2 * ce, "trk_bce": 5 * math.log(2), "trk_dice": 5 * dice(trk & vis),
+        want = {"trk_cls": 2 * ce, "trk_bce": 5 * math.log(2), "trk_dice": 5 * dice(trk),  # absent: empty target
                 "det_cls": 2 * ce, "det_bce": 5 * math.log(2), "det_dice": 5 * dice(det)}
         for k in want:
             assert parts[k] == pytest.approx(P * want[k], rel=1e-5), k
