@@ -3,12 +3,12 @@
 Inference (Alg. 1, Sec. 3.4 test-time scaling, ../shared/AUSM.md section 6): `Segmenter` streams frames through
 model.step with a constant-size State, prompted (VOS; masks on any frame) or unprompted (VIS); the CLI writes palette
 PNGs, a YouTube-VIS results.json and an overlay GIF. Differs: frames are resized to the square image_size (masks
-back); unprompted, only a frame's top-k detections join. Metrics (Sec. 3, numpy, ../shared/EVALUATION.md, checked
+back); unprompted, only a frame's top-k detections join, and results.json keeps a video's top-k (track, category)
+pairs, so a track may score several categories, as Mask2Former-VIS writes them. Metrics (Sec. 3, numpy, checked
 against the reference tools' golden files): DAVIS J&F as davis2017-evaluation's semi-supervised protocol (first and
 last frame not scored, objects = 1..max id of the first ground-truth frame, object-weighted); video AP/AR as the
-YouTube-VIS cocoapi fork. Left out: OVIS occlusion buckets (its plain AP is this AP); YouTube-VOS G (needs the
-server's seen/unseen lists); DAVIS void pixels (255 = background; the semi-supervised evaluator passes none); the
-unsupervised DAVIS protocol; box/point prompts. results.json holds its RLEs in memory until the video ends.
+YouTube-VIS cocoapi fork. Left out: OVIS occlusion buckets, YouTube-VOS G (needs the server's seen/unseen lists), DAVIS
+void pixels (255 = background), the unsupervised DAVIS protocol, box/point prompts; results.json is held in memory.
 """
 import argparse
 import itertools
@@ -277,8 +277,9 @@ class Segmenter:
         self.t += 1
         return ids.cpu().numpy(), {**{k: p[q] for k, q in paint}, **dict.fromkeys(prompts, 1.0)}
 
-    def tracks(self):  # [(id, category, score)]: argmax, max of its class probs averaged where the model painted it
-        return [(k, int((s[:-1] / s[-1]).argmax()), float((s[:-1] / s[-1]).max())) for k, s in self.stats.items()]
+    def tracks(self):  # [(id, category, score)]: class probs averaged where id was painted; unprompted: the top_k
+        pairs = [(k, c, p) for k, s in self.stats.items() for c, p in enumerate((s[:-1] / s[-1]).tolist())]  # pairs,
+        return sorted(pairs, key=lambda x: -x[2])[:self.top_k if self.mode == "unprompted" else None]  # Mask2Former-VIS
 
 def _id_maps(masks, ids):  # (N, T, H, W) disjoint bool masks, N ids -> (T, H, W) int64 id maps
     return (masks.long() * torch.tensor(list(ids), dtype=torch.long).view(-1, 1, 1, 1)).sum(0).numpy()

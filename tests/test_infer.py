@@ -260,6 +260,16 @@ def test_unprompted_top_k_and_buffer_exhaustion():
     assert all(0 <= c < 6 and 0 < s <= 1 for _, c, s in seg.tracks())
 
 
+def test_tracks_are_the_top_k_track_category_pairs():
+    seg = infer.Segmenter(tiny_model(), "unprompted", top_k=3)
+    seg.stats = {1: torch.tensor([1.2, 0.6, 0.2, 2.0]),               # 2 frames: class probs 0.6 / 0.3 / 0.1
+                 2: torch.tensor([0.05, 0.15, 0.8, 1.0])}             # 1 frame: 0.05 / 0.15 / 0.8
+    got = [(k, c, round(s, 6)) for k, c, s in seg.tracks()]
+    assert got == [(2, 2, 0.8), (1, 0, 0.6), (1, 1, 0.3)]             # Mask2Former-VIS: one track, several classes
+    seg.mode = "prompted"                                              # prompted: every object, every class kept
+    assert len(seg.tracks()) == 6 and seg.tracks()[0][:2] == (2, 2)
+
+
 def test_tts_keeps_the_last_T_of_1_to_T_back_and_forth():
     model, frames = tiny_model(fg_bias=4.0), torch.rand(5, 3, 32, 32)
     got = list(infer.segment(infer.Segmenter(model, "unprompted"), 5, lambda t: (frames[t], str(t)), tts=True))
@@ -296,10 +306,12 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert all(data.read_palette_png(p).shape == (40, 48) for p in pngs)
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results and all(len(r["segmentations"]) == 6 for r in results)
-    for t, p in enumerate(pngs):                                        # results.json and the PNGs say the same
+    for t, p in enumerate(pngs):        # every result's mask is one object of the PNGs (a track may score 2+ classes)
         ids = data.read_palette_png(p)
-        assert sorted(infer._decode(r["segmentations"][t], 40, 48).sum() for r in results if r["segmentations"][t]) \
-            == sorted(np.bincount(ids.ravel())[1:][np.bincount(ids.ravel())[1:] > 0].tolist())
+        for m in (infer._decode(r["segmentations"][t], 40, 48) > 0 for r in results if r["segmentations"][t]):
+            k = np.unique(ids[m])
+            assert len(k) == 1 and k[0] > 0 and (m == (ids == k[0])).all()
+    assert len(results) <= 10 and len({r["category_id"] for r in results}) > 1      # the top 10 (track, class) pairs
     assert self_ap(results, 6, 40, 48)["AP"] == pytest.approx(1.0)
     with Image.open(tmp_path / "o" / f"{tmp_path.name}.gif") as gif:
         assert gif.n_frames == 4 and gif.size == (48, 40)
