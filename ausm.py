@@ -398,7 +398,7 @@ class AUSM(nn.Module):
     def _frame(self, X, f4, Ft, A, live, dataset):  # shared by both forms: History + Pixel Decoder
         h, w = X.shape[-2:]  # X (n, D, h, w); Ft (n, P, D)
         pos = sine_pos(h, w, self.cfg.D, X.device)  # (P, D)
-        G = Ft + self.decoder(rearrange(X, "n d h w -> n (h w) d"), Ft, pos)  # (n, P, D); [D] residual F_t +
+        G = Ft + self.decoder(rearrange(X, "n d h w -> n (h w) d"), Ft, pos)  # (n, P, D); F_t +: ours, see header
         return self.pixel_decoder(G, f4, A, live, (h, w), dataset)
 
     def forward(self, frames, ids, history, tracked, dataset="synthetic"):
