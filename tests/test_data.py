@@ -13,13 +13,13 @@ from PIL import Image
 
 import data
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "rle_golden.json"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "rle_golden.json"  # see tests/golden/README.md
 
 
 @pytest.fixture(scope="module")
 def golden():
     if not GOLDEN.is_file():
-        pytest.fail(f"golden file {GOLDEN} is missing; it lives in ../shared/golden/ beside the repository")
+        pytest.fail(f"golden file {GOLDEN} is missing; it is part of the repository (tests/golden/)")
     return json.loads(GOLDEN.read_text())
 
 
