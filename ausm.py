@@ -1,6 +1,6 @@
 """AUSM: Autoregressive Universal Video Segmentation Model (Heo et al., arXiv 2508.19242), the model.
 
-Read beside the paper (and ../shared/AUSM.md, which says which details are ours). Implements:
+Read beside the paper (and PAPER.md, which says which details are ours). Implements:
   Sec. 2.1 / Eq. 2   video segmentation as next-frame prediction: outputs at frame t depend on frames <= t
                      and on the history y_0..y_{t-1} only.
   Sec. 2.2, Alg. 1   recurrent form: `AUSM.init_state` + `AUSM.step`, a constant-size `State`.
@@ -9,7 +9,7 @@ Read beside the paper (and ../shared/AUSM.md, which says which details are ours)
   Modules            Backbone, HistoryMarker (S_t equation), start token X_0, ID buffer B, detection
                      queries V, Mamba (selective SSM), HistoryCompressor, HistoryDecoder, PixelDecoder
                      (Mask2Former masked-attention transformer decoder with per-layer heads).
-Differs from the paper (each is a [D] decision in AUSM.md, except the first, which is measured and ours):
+Differs from the paper (each is a [D] decision in PAPER.md, except the first, which is measured and ours):
   - G_t = F_t + HistoryDecoder(X_t, F_t): a residual around the History Decoder, so each pixel of the current frame
     starts with its own history. Without it a small model trained from scratch must first learn local attention
     from sine positions: tracking Dice stayed at chance for 2,000+ iterations; with it, it falls within ~200 (README).

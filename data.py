@@ -9,7 +9,7 @@ What differs: nothing can be downloaded, so the default is a procedural world ("
   and 1-5 objects of 6 shape categories in distinct striped colours. Stage 1 makes pseudo-videos of a still scene
   as above; stages 2/3 get videos where objects move, scale and rotate along smooth paths, occlude each other (depth
   order), leave the frame and come back, and appear mid-video, over a panning background. Frames are resized to a
-  square `size` (the paper keeps the aspect ratio). Real formats (../shared/EVALUATION.md) are read with numpy + PIL
+  square `size` (the paper keeps the aspect ratio). Real formats (PAPER.md Sec. 8) are read with numpy + PIL
   (RLE, polygons as pycocotools, bit for bit); `python data.py --write davis:DIR` writes the synthetic set in them.
 Left out: dataset mixture weights, SA-1B, large-scale jitter, colour augmentation, aspect-preserving resize.
 """

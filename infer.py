@@ -1,6 +1,6 @@
 """infer.py -- run AUSM over videos frame by frame and score the outputs the way the benchmarks do.
 
-Inference (Alg. 1, Sec. 3.4 test-time scaling, ../shared/AUSM.md section 6): `Segmenter` streams frames through
+Inference (Alg. 1, Sec. 3.4 test-time scaling, PAPER.md Sec. 6): `Segmenter` streams frames through
 model.step with a constant-size State, prompted (VOS; masks on any frame) or unprompted (VIS); the CLI writes palette
 PNGs, a YouTube-VIS results.json and an overlay GIF. Differs: frames are resized to the square image_size (masks
 back); unprompted, only a frame's top-k detections join, and results.json keeps a video's top-k (track, category)

@@ -7,12 +7,12 @@ mask in the history from t_i on. The model runs all T frames at once (one select
 losses with deep supervision. Stages (Sec. 3): 1) 3-frame pseudo-videos of stills, 2) 5-frame videos,
 3) 16 frames, backbone frozen. `--iterative` trains frame by frame through model.step (the SAM2-style
 baseline); `--benchmark` times both forms (Fig. 4).
-What differs ([D] = our decision in ../shared/AUSM.md):
+What differs ([D] = our decision in PAPER.md):
   - [D] t_i uniform over the frames where i is visible; prompted clips (VOS datasets and synthetic, p 0.5)
     give t_i = 0 with prob. 0.5 to objects visible in frame 1 (y_1 painted on X_0).
   - Losses on the full stride-4 mask (no point sampling), targets area-downsampled to H/4 (soft); one
     foreground logit for every dataset plus the dataset's class head where it has classes.
-  - An absent tracked object is "no object" with its mask supervised empty (AUSM.md: no mask loss): prompted output
+  - An absent tracked object is "no object" with its mask supervised empty (PAPER.md Sec. 5): prompted output
     is unfiltered, and emptying absent objects' masks alone lifts a model's held-out J&F 0.754 -> 0.849 (measured).
   - The paper sums L over t; we average every term over its targets (queries, masks) in the batch as
     Mask2Former averages over images, so the scale does not grow with T. The normalisers are summed over

@@ -180,7 +180,7 @@ EXERCISES = {
     8: Exercise("Test-time repetition order", "infer:segment", "AUSM Sec. 3.4", "tests/test_infer.py -k tts",
                 segment_repeating_ends),
     9: Exercise("Open-ended: box prompts become mask prompts", "infer:box_to_mask",
-                "AUSM future work (boxes, points); ../shared/AUSM.md Sec. 6",
+                "AUSM future work (boxes, points); PAPER.md Sec. 6",
                 "tests/test_exercise_oracles.py -k box_prompt", box_as_rectangle, box_by_colour),
 }
 ORIGINALS = {}  # exercise number -> the reference implementation a swap replaced (wrong versions may wrap it)

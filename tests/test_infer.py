@@ -143,7 +143,7 @@ def test_rle_examples_from_evaluation_md():
 
 
 def test_ytvis_polygon_ground_truth_scores_one():
-    # EVALUATION.md: the polygon [0,0, 4,0, 4,4, 0,4] fills pixels 0..3 on both axes; the same square as RLE
+    # PAPER.md Sec. 8: the polygon [0,0, 4,0, 4,4, 0,4] fills pixels 0..3 on both axes; the same square as RLE
     square = {"size": [8, 8], "counts": [0, 4, 4, 4, 4, 4, 4, 4, 36]}
     gt = {"videos": [{"id": 1, "height": 8, "width": 8, "length": 2}], "categories": [{"id": 1}],
           "annotations": [{"id": 1, "video_id": 1, "category_id": 1, "iscrowd": 0,
