@@ -628,7 +628,7 @@ def _davis_sequences(gt_dir):
     if listing.is_file():
         gt_dir = gt_dir / "Annotations" / "480p"
     else:
-        listing = gt_dir.parent.parent / "ImageSets" / "2017" / "val.txt"
+        listing = gt_dir.resolve().parent.parent / "ImageSets" / "2017" / "val.txt"
     if listing.is_file():
         return gt_dir, listing.read_text().split()
     names = sorted(p.name for p in gt_dir.iterdir() if p.is_dir())
