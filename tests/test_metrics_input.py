@@ -229,3 +229,12 @@ def test_davis_missing_folders(tmp_path):
     message = cli_error("--eval", "davis", "--pred", str(tmp_path / "nope"),
                         "--gt", str(tmp_path / "gt"))
     assert "--pred" in message and "is not a folder" in message
+
+
+def test_davis_relative_gt_reads_no_val_list_from_the_working_directory(tmp_path, monkeypatch):
+    davis_tree(tmp_path)                        # gt/a, gt/b: a plain folder, both sequences scored
+    (tmp_path / "ImageSets" / "2017").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "2017" / "val.txt").write_text("a\n")   # beside gt, not above it
+    monkeypatch.chdir(tmp_path)
+    s = infer.main(["--eval", "davis", "--pred", "pred", "--gt", "gt"])
+    assert [o[0] for o in s["objects"]] == ["a_1", "b_1"]
