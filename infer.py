@@ -6,8 +6,10 @@ PNGs, a YouTube-VIS results.json and an overlay GIF. Differs: frames are resized
 back); unprompted, only a frame's top-k detections join, and results.json keeps a video's top-k (track, category)
 pairs, so a track may score several categories, as Mask2Former-VIS writes them. Metrics (Sec. 3, numpy, checked
 against the reference tools' golden files): DAVIS J&F as davis2017-evaluation's semi-supervised protocol (first and
-last frame not scored, objects = 1..max id of the first ground-truth frame, object-weighted); video AP/AR as the
-YouTube-VIS cocoapi fork. Left out: OVIS occlusion buckets, YouTube-VOS G (needs the server's seen/unseen lists), DAVIS
+last frame not scored, objects = 1..max id of the first ground-truth frame, object-weighted; the sequences are the
+ground truth's, or ImageSets/2017/val.txt's); video AP/AR as the YouTube-VIS cocoapi fork; input they cannot score
+is refused, naming the sequence or result (unlike the fork, a result of an unknown category_id too).
+Left out: OVIS occlusion buckets, YouTube-VOS G (needs the server's seen/unseen lists), DAVIS
 void pixels (255 = background), the unsupervised DAVIS protocol, box/point prompts; results.json is held in memory.
 """
 import argparse
@@ -25,193 +27,419 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ausm
-from data import (VOC_PALETTE, _read_image, heldout, polygons_to_mask, read_palette_png, rle_area, rle_decode,
-                  rle_encode, write_palette_png)
+from data import (VOC_PALETTE, _read_image, heldout, polygons_to_mask, read_palette_png, rle_area,
+                  rle_counts, rle_decode, rle_encode, write_palette_png)
 
-# -------------------------------------------------------------------------------------------------------------- Metrics
+# ----------------------------------------------------------------------------- Metrics: DAVIS J&F
 def davis_j(pred, gt):
     """Region similarity J of one frame: |P and G| / |P or G|, 1 when both masks are empty."""
     union = np.logical_or(pred, gt).sum()
-    return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
+    if union == 0:
+        return 1.0
+    return float(np.logical_and(pred, gt).sum() / union)
 
 def _seg2bmap(m):
-    """Boundary map: a pixel differs from its east, south or south-east neighbour (davis2017 _seg2bmap)."""
-    e, s, se = np.zeros_like(m), np.zeros_like(m), np.zeros_like(m)
-    e[:, :-1], s[:-1, :], se[:-1, :-1] = m[:, 1:], m[1:, :], m[1:, 1:]
-    b = (m ^ e) | (m ^ s) | (m ^ se)
-    b[-1, :] = m[-1, :] ^ e[-1, :]                  # last row: only the east neighbour exists
-    b[:, -1] = m[:, -1] ^ s[:, -1]                  # last column: only the south neighbour exists
+    """Boundary map of a bool (h, w) mask: pixels that differ from their east, south or south-east
+    neighbour (davis2017 _seg2bmap). A mask that fills the frame has none (the border is none)."""
+    east = np.zeros_like(m)                     # (h, w): each pixel's east neighbour, 0 past it
+    south = np.zeros_like(m)                    # (h, w)
+    south_east = np.zeros_like(m)               # (h, w)
+    east[:, :-1] = m[:, 1:]
+    south[:-1, :] = m[1:, :]
+    south_east[:-1, :-1] = m[1:, 1:]
+    b = (m ^ east) | (m ^ south) | (m ^ south_east)
+    b[-1, :] = m[-1, :] ^ east[-1, :]           # last row: only the east neighbour exists
+    b[:, -1] = m[:, -1] ^ south[:, -1]          # last column: only the south neighbour exists
     b[-1, -1] = False
     return b
 
 def _dilate(b, r):
-    """Binary dilation by the disk x^2 + y^2 <= r^2 (skimage disk + cv2.dilate; outside the image is 0)."""
+    """Binary dilation by the disk x^2 + y^2 <= r^2 (skimage disk + cv2.dilate; outside is 0)."""
     h, w = b.shape
-    padded, out = np.pad(b, r), np.zeros_like(b)    # (h + 2r, w + 2r), (h, w)
-    for dy, dx in itertools.product(range(-r, r + 1), repeat=2):
-        if dx * dx + dy * dy <= r * r:
-            out |= padded[r + dy:r + dy + h, r + dx:r + dx + w]
+    padded = np.pad(b, r)                       # (h + 2r, w + 2r)
+    out = np.zeros_like(b)                      # (h, w)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            if dx * dx + dy * dy <= r * r:
+                out |= padded[r + dy:r + dy + h, r + dx:r + dx + w]
     return out
 
-def davis_f(pred, gt, bound_th=0.008):  # EXERCISE 7: done when `python -m pytest --exercise 7` passes
-    """Boundary measure F of one frame: F1 of boundary pixels matched within ceil(bound_th * diagonal)."""
-    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
-    r = int(bound_th if bound_th >= 1 else np.ceil(bound_th * np.linalg.norm(gt.shape)))
-    pb, gb = _seg2bmap(pred), _seg2bmap(gt)
-    n_pred, n_gt = int(pb.sum()), int(gb.sum())
-    if n_pred == 0 or n_gt == 0:                    # both empty: P = R = 1; one empty: P or R = 0
+def davis_f(pred, gt, bound_th=0.008):  # EXERCISE 7: done when pytest --exercise 7 passes
+    """Boundary measure F of one frame: F1 of the boundary pixels matched within a radius of
+    ceil(bound_th * image diagonal) pixels (bound_th >= 1: that many pixels)."""
+    pred = np.asarray(pred, bool)               # (h, w)
+    gt = np.asarray(gt, bool)                   # (h, w)
+    if bound_th >= 1:
+        r = int(bound_th)
+    else:
+        r = int(np.ceil(bound_th * np.linalg.norm(gt.shape)))
+    pred_boundary = _seg2bmap(pred)
+    gt_boundary = _seg2bmap(gt)
+    n_pred = int(pred_boundary.sum())
+    n_gt = int(gt_boundary.sum())
+    if n_pred == 0 or n_gt == 0:                # both empty: P = R = 1; one empty: P or R = 0
         return 1.0 if n_pred == n_gt else 0.0
-    precision = (pb & _dilate(gb, r)).sum() / float(n_pred)
-    recall = (gb & _dilate(pb, r)).sum() / float(n_gt)
-    return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
+    precision = (pred_boundary & _dilate(gt_boundary, r)).sum() / float(n_pred)
+    recall = (gt_boundary & _dilate(pred_boundary, r)).sum() / float(n_gt)
+    if precision + recall == 0:
+        return 0.0
+    return float(2 * precision * recall / (precision + recall))
 
 def davis_statistics(values):
-    """Mean, Recall (share > 0.5), Decay (first quarter - last; davis2017's bins share end frames) of scores."""
-    v = np.asarray(values, float)
-    ids = (np.round(np.linspace(1, len(v), 5) + 1e-10) - 1).astype(int)   # davis2017: uint8, wraps past 256
+    """Mean, Recall (share > 0.5) and Decay (first quarter - last quarter) of one object's scores;
+    davis2017's four bins share their end frames."""
+    v = np.asarray(values, float)               # (T - 2,) J or F per scored frame
+    ids = (np.round(np.linspace(1, len(v), 5) + 1e-10) - 1).astype(int)   # (5,) bin edges
     bins = [v[ids[i]:ids[i + 1] + 1] for i in range(4)]
-    return float(np.mean(v)), float(np.mean(v > 0.5)), float(np.mean(bins[0]) - np.mean(bins[3]))
+    mean = float(np.mean(v))
+    recall = float(np.mean(v > 0.5))
+    decay = float(np.mean(bins[0]) - np.mean(bins[3]))
+    return mean, recall, decay
 
 def davis_sequence(gt, pred, bound_th=0.008, name="sequence"):
-    """Per-object, per-frame J and F (N, T - 2) of (T, H, W) id maps: frames 1..T-2, objects 1..N, N = max id of
-    the first ground-truth frame (255 = void, read as background)."""
-    gt, pred = np.asarray(gt), np.asarray(pred)
+    """Per-object, per-frame J and F (N, T - 2) of (T, H, W) id maps: frames 1..T-2, objects 1..N,
+    N = max id of the first ground-truth frame (255 = void, read as background)."""
+    gt = np.asarray(gt)                         # (T, H, W)
+    pred = np.asarray(pred)                     # (T, H, W)
     if gt.ndim != 3 or gt.shape != pred.shape or len(gt) < 3:
-        raise ValueError(f"{name}: ground truth {gt.shape} and prediction {pred.shape} must both be (T, H, W), "
-                         "T >= 3 (the first and last frame are not scored), with the same frame size")
+        raise ValueError(f"{name}: ground truth {gt.shape} and prediction {pred.shape} must both "
+                         "be (T, H, W), T >= 3 (the first and last frame are not scored), "
+                         "with the same frame size")
     n = int(np.where(gt[0] == 255, 0, gt[0]).max())
-    gt, pred = np.where(gt[1:-1] == 255, 0, gt[1:-1]), pred[1:-1]  # (T - 2, H, W) each
+    gt = np.where(gt[1:-1] == 255, 0, gt[1:-1])  # (T - 2, H, W)
+    pred = pred[1:-1]                           # (T - 2, H, W)
     if pred.size and pred.max() > n:
-        raise ValueError(f"{name}: the prediction has object id {pred.max()} but the first ground-truth frame "
-                         f"has only ids up to {n}; predict only the prompted objects")
-    J = [[davis_j(p == i, g == i) for p, g in zip(pred, gt)] for i in range(1, n + 1)]
-    F = [[davis_f(p == i, g == i, bound_th) for p, g in zip(pred, gt)] for i in range(1, n + 1)]
-    return np.reshape(J, (n, len(gt))), np.reshape(F, (n, len(gt)))  # (N, T - 2) each
+        raise ValueError(f"{name}: the prediction has object id {pred.max()} but the first "
+                         f"ground-truth frame has only ids up to {n}; predict only the prompted "
+                         "objects")
+    J = np.zeros((n, len(gt)))                  # (N, T - 2)
+    F = np.zeros((n, len(gt)))                  # (N, T - 2)
+    for i in range(1, n + 1):
+        for t in range(len(gt)):
+            J[i - 1, t] = davis_j(pred[t] == i, gt[t] == i)
+            F[i - 1, t] = davis_f(pred[t] == i, gt[t] == i, bound_th)
+    return J, F
 
 def davis_scores(sequences, bound_th=0.008):
-    """J&F of (name, gt, pred) sequences of (T, H, W) id maps, one in memory at a time -> {"objects": [(f"{name}_{i}",
-    J_MRD, F_MRD)], "J&F-Mean", "J-Mean", "J-Recall", ..., "F-Decay"}: means over all objects of all sequences."""
-    out = {"objects": []}
+    """J&F of (name, gt, pred) sequences of (T, H, W) id maps, one in memory at a time ->
+    {"objects": [(f"{name}_{i}", J (Mean, Recall, Decay), F (Mean, Recall, Decay))],
+    "J-Mean", "J-Recall", ..., "F-Decay", "J&F-Mean"}: means over all objects of all sequences."""
+    objects = []
     for name, gt, pred in sequences:
-        J, F = davis_sequence(gt, pred, bound_th, name)
-        out["objects"] += [(f"{name}_{i}", davis_statistics(j), davis_statistics(f))
-                           for i, (j, f) in enumerate(zip(J, F), 1)]
-    if not out["objects"]:
-        raise ValueError("no objects to score: the first ground-truth frame of every sequence is empty")
-    for m in (1, 2):                                 # 1: J, 2: F; each (objects, 3) = Mean, Recall, Decay
-        s = np.mean([o[m] for o in out["objects"]], axis=0)
-        out.update({f"{'JF'[m - 1]}-{k}": float(v) for k, v in zip(("Mean", "Recall", "Decay"), s)})
+        J, F = davis_sequence(gt, pred, bound_th, name)     # (N, T - 2) each
+        for i in range(len(J)):
+            objects.append((f"{name}_{i + 1}", davis_statistics(J[i]), davis_statistics(F[i])))
+    if not objects:
+        raise ValueError("no objects to score: the first ground-truth frame of every sequence "
+                         "is empty")
+    j_stats = np.mean([o[1] for o in objects], axis=0)      # (3,) Mean, Recall, Decay
+    f_stats = np.mean([o[2] for o in objects], axis=0)      # (3,)
+    out = {"objects": objects}
+    for k, stat in enumerate(("Mean", "Recall", "Decay")):
+        out[f"J-{stat}"] = float(j_stats[k])
+    for k, stat in enumerate(("Mean", "Recall", "Decay")):
+        out[f"F-{stat}"] = float(f_stats[k])
     out["J&F-Mean"] = (out["J-Mean"] + out["F-Mean"]) / 2
     return out
 
+# ----------------------------------------------------------------- Metrics: YouTube-VIS video AP/AR
+IOU_THRS = np.linspace(0.5, 0.95, 10)           # (10,) IoU thresholds 0.5, 0.55, ..., 0.95
+REC_THRS = np.linspace(0.0, 1.0, 101)           # (101,) recall levels of interpolated precision
+MAX_DETS = (1, 10, 100)                         # detections per video for AR1, AR10, AR100 (AP)
+AREA_RNGS = ((0, 1e10), (0, 128 ** 2), (128 ** 2, 256 ** 2), (256 ** 2, 1e10))   # all, s, m, l
+
+def _listed(ids):
+    """Ids for a message: '1, 2, 3', or the first 8 then '...'."""
+    ids = sorted(ids)
+    text = ", ".join(str(i) for i in ids[:8])
+    if len(ids) > 8:
+        text += ", ..."
+    return text
+
+def _is_int(x):
+    """A JSON integer (not a bool)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+def _check_segmentation(seg, size, where, polygons_ok):
+    """One frame's segmentation: null, an RLE {size, counts} of the video's [height, width] whose
+    runs fit it, or (ground truth only) COCO polygons. `where` names it in the message."""
+    if seg is None:
+        return
+    if polygons_ok and isinstance(seg, list):
+        return                                  # data.polygons_to_mask checks them as it draws
+    if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
+        kinds = "an RLE {size, counts}, polygons or null" if polygons_ok else "an RLE or null"
+        raise ValueError(f"{where}: a segmentation must be {kinds}; got {type(seg).__name__} "
+                         f"{str(seg)[:40]}")
+    h, w = size
+    if not isinstance(seg["size"], list) or seg["size"] != [h, w]:
+        raise ValueError(f"{where}: RLE size {seg['size']} but the video is [{h}, {w}] "
+                         "(height, width); encode the masks at the video's resolution")
+    try:
+        counts = rle_counts(seg)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{where}: RLE counts are unreadable ({e}); expected a COCO compressed "
+                         "string or a list of run lengths") from None
+    if min(counts, default=0) < 0 or sum(counts) > h * w:
+        raise ValueError(f"{where}: RLE runs (sum {sum(counts)}, smallest {min(counts)}) do not "
+                         f"fit its {h}x{w} pixels; the counts are corrupt")
+
+def _check_instance(x, where, sizes, lengths, cats, polygons_ok):
+    """One annotation or result: a known video and category, a segmentation per frame of it."""
+    video = x["video_id"]
+    if isinstance(video, (list, dict)) or video not in sizes:
+        raise ValueError(f"{where}: video_id {video} is not a ground-truth video "
+                         f"(ids {_listed(sizes)})")
+    where = f"{where} (video {video})"
+    category = x["category_id"]
+    if isinstance(category, (list, dict)) or category not in cats:
+        raise ValueError(f"{where}: category_id {category} is not a ground-truth category "
+                         f"(ids {_listed(cats)}); use the ground truth's ids (the cocoapi fork "
+                         "would skip it without a word)")
+    segs = x["segmentations"]
+    if not isinstance(segs, list) or len(segs) != lengths[video]:
+        n = len(segs) if isinstance(segs, list) else type(segs).__name__
+        raise ValueError(f"{where}: {n} segmentations; the ground truth has {lengths[video]} "
+                         "frames (one RLE or null per frame)")
+    for t, seg in enumerate(segs):
+        _check_segmentation(seg, sizes[video], f"{where} frame {t}", polygons_ok)
+
+def _check_ground_truth(gt_dataset):
+    """The annotations JSON, checked for what the AP reads -> ({video id: (height, width)},
+    {video id: frames}, sorted category ids)."""
+    needs = ("videos", "categories", "annotations")
+    if not isinstance(gt_dataset, dict) or not all(isinstance(gt_dataset.get(k), list) for k in needs):
+        raise ValueError("ground truth: expected a JSON object with lists 'videos', 'categories' "
+                         "and 'annotations' (a YouTube-VIS or OVIS annotations file)")
+    sizes = {}
+    lengths = {}
+    for i, v in enumerate(gt_dataset["videos"]):
+        if not isinstance(v, dict) or not all(_is_int(v.get(k)) for k in ("id", "height", "width")):
+            raise ValueError(f"ground truth videos[{i}]: needs integers 'id', 'height', 'width'")
+        if _is_int(v.get("length")):
+            lengths[v["id"]] = v["length"]
+        elif isinstance(v.get("file_names"), list):
+            lengths[v["id"]] = len(v["file_names"])
+        else:
+            raise ValueError(f"ground truth videos[{i}]: needs 'length' or 'file_names'")
+        sizes[v["id"]] = (v["height"], v["width"])
+    cats = []
+    for i, c in enumerate(gt_dataset["categories"]):
+        if not isinstance(c, dict) or not _is_int(c.get("id")):
+            raise ValueError(f"ground truth categories[{i}]: needs an integer 'id'")
+        cats.append(c["id"])
+    needs = {"id", "video_id", "category_id", "segmentations"}
+    for i, a in enumerate(gt_dataset["annotations"]):
+        where = f"ground truth annotations[{i}]"
+        if not isinstance(a, dict) or not needs <= set(a):
+            raise ValueError(f"{where}: needs 'id', 'video_id', 'category_id', 'segmentations'")
+        _check_instance(a, where, sizes, lengths, cats, polygons_ok=True)
+    return sizes, lengths, sorted(cats)
+
+def _check_results(results, sizes, lengths, cats):
+    """The results JSON: a list of {video_id, category_id, score, segmentations}, finite numeric
+    scores, one RLE (or null) per frame of a ground-truth video, at that video's size."""
+    if not isinstance(results, list):
+        raise ValueError("results: expected a JSON list of {video_id, category_id, score, "
+                         f"segmentations}} objects; got a {type(results).__name__}")
+    needs = {"video_id", "category_id", "score", "segmentations"}
+    for n, r in enumerate(results):
+        where = f"results[{n}]"
+        if not isinstance(r, dict) or not needs <= set(r):
+            raise ValueError(f"{where}: needs 'video_id', 'category_id', 'score', 'segmentations'")
+        score = r["score"]
+        is_number = isinstance(score, (int, float, np.number)) and not isinstance(score, bool)
+        if not is_number or not np.isfinite(score):
+            raise ValueError(f"{where} (video {r['video_id']}): score {score!r} is not a finite "
+                             "number; write the detection's confidence, e.g. 0.87")
+        _check_instance(r, where, sizes, lengths, cats, polygons_ok=False)
+
 def _decode(seg, h, w):
-    """A per-frame segmentation (RLE, compressed or not, or polygons) -> bool (h, w); absent (None) = empty."""
-    return np.zeros((h, w), bool) if seg is None else (
-        rle_decode(seg) if isinstance(seg, dict) else polygons_to_mask(seg, h, w)) > 0
+    """One frame's segmentation (RLE, compressed or not, or polygons) -> bool (h, w); None: 0s."""
+    if seg is None:
+        return np.zeros((h, w), bool)
+    if isinstance(seg, dict):
+        return rle_decode(seg) > 0
+    return polygons_to_mask(seg, h, w) > 0
+
+def _area(seg, h, w):
+    """Pixels of one frame's segmentation; None when absent."""
+    if seg is None:
+        return None
+    if isinstance(seg, dict):
+        return rle_area(seg)
+    return _decode(seg, h, w).sum()
 
 def _video_ious(d, g, h, w):
-    """Video IoU (D, G) of detections d and ground truths g (lists of per-frame segmentations): sum over frames of
-    intersections / sum of unions (one absent: the other's area). One frame decoded at a time (constant memory)."""
-    inter, union = np.zeros((len(d), len(g))), np.zeros((len(d), len(g)))     # (D, G) each
-    for t in range(len(g[0]) if g and d else 0):
-        dm, gm = [_decode(x[t], h, w) for x in d], [_decode(y[t], h, w) for y in g]    # D and G x (h, w)
-        i = np.array([[np.count_nonzero(a & b) for b in gm] for a in dm])             # (D, G)
-        area_d, area_g = np.array([a.sum() for a in dm]), np.array([b.sum() for b in gm])   # (D,), (G,)
-        inter, union = inter + i, union + area_d[:, None] + area_g[None] - i
+    """Video IoU (D, G) of detections d and ground truths g (lists of per-frame segmentations):
+    the sum over frames of intersections / the sum of unions (one absent: the other's area).
+    One frame decoded at a time (constant memory)."""
+    inter = np.zeros((len(d), len(g)))          # (D, G) intersections summed over frames
+    union = np.zeros((len(d), len(g)))          # (D, G) unions summed over frames
+    if not d or not g:
+        return inter
+    for t in range(len(g[0])):
+        d_masks = [_decode(x[t], h, w) for x in d]                                      # D x (h, w)
+        g_masks = [_decode(y[t], h, w) for y in g]                                      # G x (h, w)
+        i = np.array([[np.count_nonzero(a & b) for b in g_masks] for a in d_masks])     # (D, G)
+        area_d = np.array([a.sum() for a in d_masks])                                   # (D,)
+        area_g = np.array([b.sum() for b in g_masks])                                   # (G,)
+        inter = inter + i
+        union = union + area_d[:, None] + area_g[None, :] - i
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
-IOU_THRS, REC_THRS, MAX_DETS = np.linspace(0.5, 0.95, 10), np.linspace(0.0, 1.0, 101), (1, 10, 100)
-AREA_RNGS = ((0, 1e10), (0, 128 ** 2), (128 ** 2, 256 ** 2), (256 ** 2, 1e10))   # all, small, medium, large
-
 def _instances(anns, is_gt, sizes):
-    """Group annotations (or results) by (video, category), masks decoded, mean non-zero area over frames."""
+    """Group annotations (or results) by (video, category) -> {(video, category): [instance]};
+    an instance: id (results: 1-based position), segmentations, mean area, crowd flag, score."""
     out = {}
     for n, a in enumerate(anns):
         segs = a["segmentations"]
-        areas = (is_gt and a.get("areas")) or [s if s is None else rle_area(s) if isinstance(s, dict)
-                                                else _decode(s, *sizes[a["video_id"]]).sum() for s in segs]
-        areas = [x for x in areas if x]             # the mean is over frames where it is present and non-empty
-        out.setdefault((a["video_id"], a["category_id"]), []).append(dict(
-            id=a["id"] if is_gt else n + 1, segs=segs, area=float(np.mean(areas)) if areas else 0.0,
-            crowd=is_gt and bool(a.get("iscrowd")), score=a.get("score")))
+        if is_gt and a.get("areas"):
+            areas = a["areas"]                  # the annotation's own areas, as the fork reads them
+        else:
+            areas = [_area(s, *sizes[a["video_id"]]) for s in segs]
+        areas = [x for x in areas if x]         # the mean is over frames where it is non-empty
+        instance = {"id": a["id"] if is_gt else n + 1,
+                    "segs": segs,
+                    "area": float(np.mean(areas)) if areas else 0.0,
+                    "crowd": is_gt and bool(a.get("iscrowd")),
+                    "score": a.get("score")}
+        out.setdefault((a["video_id"], a["category_id"]), []).append(instance)
     return out
 
+def _best_ground_truth(ious, thr, g, g_ignored, gt_taken):
+    """The ground truth one detection matches at IoU threshold thr, -1 for none (COCO's
+    evaluateImg): the best IoU >= thr among those not taken; a real match beats any ignored one.
+    ious (G,) of this detection; g_ignored (G,); gt_taken (G,) at this threshold."""
+    best = min(thr, 1 - 1e-10)
+    m = -1
+    for gi in range(len(g)):
+        if gt_taken[gi] > 0 and not g[gi]["crowd"]:
+            continue                            # taken (a crowd region can take many)
+        if m > -1 and not g_ignored[m] and g_ignored[gi]:
+            break                               # g is sorted: only ignored ones are left
+        if ious[gi] >= best:
+            best = ious[gi]
+            m = gi
+    return m
+
 def _match(d, g, ious, lo, hi):
-    """Greedy matching of one (video, category) in one area range, as COCO's evaluateImg.
-    d: detections by score; g: ground truth; ious (D, G). -> (scores, dt_matched (T, D), dt_ignored, gt_ignored)."""
-    g_ig = np.array([y["crowd"] or not lo <= y["area"] <= hi for y in g], bool)
-    order = np.argsort(g_ig, kind="mergesort")      # ground truth not ignored first
-    g, g_ig, ious = [g[j] for j in order], g_ig[order], ious[:, order]
-    gtm, dtm = np.zeros((len(IOU_THRS), len(g))), np.zeros((len(IOU_THRS), len(d)))   # matched ids, 0 = none
-    dt_ig = np.zeros((len(IOU_THRS), len(d)), bool)
-    for (t, thr), di in itertools.product(enumerate(IOU_THRS), range(len(d))):
-        best, m = min(thr, 1 - 1e-10), -1
-        for gi in range(len(g)):
-            if gtm[t, gi] > 0 and not g[gi]["crowd"]:
-                continue                            # taken (a crowd region can take many)
-            if m > -1 and not g_ig[m] and g_ig[gi]:
-                break                               # a real match beats any ignored one
-            if ious[di, gi] >= best:
-                best, m = ious[di, gi], gi
-        if m > -1:
-            dt_ig[t, di], dtm[t, di], gtm[t, m] = g_ig[m], g[m]["id"], d[di]["id"]
-    out_of_rng = np.array([not lo <= x["area"] <= hi for x in d], bool)
-    return np.array([x["score"] for x in d]), dtm, dt_ig | ((dtm == 0) & out_of_rng), g_ig
+    """Greedy matching of one (video, category) in one area range [lo, hi], as COCO's evaluateImg.
+    d: detections by score; g: ground truth; ious (D, G). -> scores (D,), dt_matched (10, D)
+    ground-truth ids (0 = none), dt_ignored (10, D), gt_ignored (G,)."""
+    g_ignored = np.array([y["crowd"] or not lo <= y["area"] <= hi for y in g], bool)   # (G,)
+    order = np.argsort(g_ignored, kind="mergesort")     # ground truth not ignored first
+    g = [g[j] for j in order]
+    g_ignored = g_ignored[order]                # (G,)
+    ious = ious[:, order]                       # (D, G)
+    gt_taken = np.zeros((len(IOU_THRS), len(g)))            # (10, G) detection ids, 0 = none
+    dt_matched = np.zeros((len(IOU_THRS), len(d)))          # (10, D) ground-truth ids, 0 = none
+    dt_ignored = np.zeros((len(IOU_THRS), len(d)), bool)    # (10, D)
+    for t, thr in enumerate(IOU_THRS):
+        for di in range(len(d)):
+            m = _best_ground_truth(ious[di], thr, g, g_ignored, gt_taken[t])
+            if m > -1:
+                dt_ignored[t, di] = g_ignored[m]
+                dt_matched[t, di] = g[m]["id"]
+                gt_taken[t, m] = d[di]["id"]
+    out_of_range = np.array([not lo <= x["area"] <= hi for x in d], bool)     # (D,)
+    dt_ignored = dt_ignored | ((dt_matched == 0) & out_of_range)             # (10, D)
+    scores = np.array([x["score"] for x in d])  # (D,)
+    return scores, dt_matched, dt_ignored, g_ignored
+
+def _match_category(gts, dts, cat, sizes):
+    """Match one category in every video and area range -> per area range, _match's output for
+    each video with a ground truth or detection of it; at most MAX_DETS[-1] detections a video."""
+    per_area = [[] for _ in AREA_RNGS]
+    for v in sorted(sizes):
+        g = gts.get((v, cat), [])
+        d = dts.get((v, cat), [])
+        if not g and not d:
+            continue
+        order = np.argsort([-x["score"] for x in d], kind="mergesort")   # ties: results order
+        d = [d[i] for i in order][:MAX_DETS[-1]]
+        ious = _video_ious([x["segs"] for x in d], [y["segs"] for y in g], *sizes[v])   # (D, G)
+        for a, (lo, hi) in enumerate(AREA_RNGS):
+            per_area[a].append(_match(d, g, ious, lo, hi))
+    return per_area
 
 def _precision_recall(E, md):
-    """101-point interpolated precision (T, R) and recall (T,) of one category, md detections per video."""
-    npig = sum(int(np.count_nonzero(~e[3])) for e in E)
-    if npig == 0:
-        return None                                 # nothing to find: stays -1
-    inds = np.argsort(-np.concatenate([e[0][:md] for e in E]), kind="mergesort")
-    dtm = np.concatenate([e[1][:, :md] for e in E], axis=1)[:, inds]    # (T, detections)
-    dt_ig = np.concatenate([e[2][:, :md] for e in E], axis=1)[:, inds]  # (T, detections)
-    tps = np.cumsum((dtm != 0) & ~dt_ig, axis=1).astype(float)          # (T, detections)
-    fps = np.cumsum((dtm == 0) & ~dt_ig, axis=1).astype(float)          # (T, detections)
-    precision, recall = np.zeros((len(IOU_THRS), len(REC_THRS))), np.zeros(len(IOU_THRS))
-    for t, (tp, fp) in enumerate(zip(tps, fps)):
-        rc, pr = tp / npig, np.maximum.accumulate((tp / (fp + tp + np.spacing(1)))[::-1])[::-1]   # envelope
-        recall[t] = rc[-1] if len(tp) else 0
-        inds = np.searchsorted(rc, REC_THRS, side="left")
-        inds = inds[inds < len(pr)]                 # recall levels never reached keep precision 0
+    """101-point interpolated precision (10, 101) and recall (10,) of one category in one area
+    range from its per-video matches E, md detections per video; None: no ground truth to find."""
+    n_gt = sum(int(np.count_nonzero(~e[3])) for e in E)     # ground truths not ignored
+    if n_gt == 0:
+        return None                             # nothing to find: stays -1
+    scores = np.concatenate([e[0][:md] for e in E])                             # (n,)
+    order = np.argsort(-scores, kind="mergesort")
+    dt_matched = np.concatenate([e[1][:, :md] for e in E], axis=1)[:, order]    # (10, n)
+    dt_ignored = np.concatenate([e[2][:, :md] for e in E], axis=1)[:, order]    # (10, n)
+    tps = np.cumsum((dt_matched != 0) & ~dt_ignored, axis=1).astype(float)      # (10, n)
+    fps = np.cumsum((dt_matched == 0) & ~dt_ignored, axis=1).astype(float)      # (10, n)
+    precision = np.zeros((len(IOU_THRS), len(REC_THRS)))    # (10, 101)
+    recall = np.zeros(len(IOU_THRS))                        # (10,)
+    for t in range(len(IOU_THRS)):
+        rc = tps[t] / n_gt                                  # (n,)
+        pr = tps[t] / (fps[t] + tps[t] + np.spacing(1))     # (n,)
+        pr = np.maximum.accumulate(pr[::-1])[::-1]          # (n,) envelope from the right
+        if len(rc):
+            recall[t] = rc[-1]
+        inds = np.searchsorted(rc, REC_THRS, side="left")   # (101,)
+        inds = inds[inds < len(pr)]             # recall levels never reached keep precision 0
         precision[t, :len(inds)] = pr[inds]
     return precision, recall
 
+def _accumulate(per_area):
+    """One category's precision (10, 101, A, M) and recall (10, A, M) over the area ranges and
+    max detections; -1 where there was no ground truth to find."""
+    precision = -np.ones((len(IOU_THRS), len(REC_THRS), len(AREA_RNGS), len(MAX_DETS)))
+    recall = -np.ones((len(IOU_THRS), len(AREA_RNGS), len(MAX_DETS)))
+    for a, matches in enumerate(per_area):
+        for m, md in enumerate(MAX_DETS):
+            pr = _precision_recall(matches, md)
+            if pr is not None:
+                precision[:, :, a, m] = pr[0]
+                recall[:, a, m] = pr[1]
+    return precision, recall
+
+def _mean_scored(s):
+    """Mean over the entries that were scored (not -1); -1 when none was."""
+    scored = s[s > -1]
+    if scored.size == 0:
+        return -1.0
+    return float(np.mean(scored))
+
+def _summarize(precision, recall):
+    """The fork's summarize(): precision (10, 101, K, A, M), recall (10, K, A, M) -> AP/AR."""
+    out = {}
+    out["AP"] = _mean_scored(precision[..., 0, 2])          # all areas, 100 detections
+    out["AP50"] = _mean_scored(precision[0, ..., 0, 2])     # IOU_THRS[0] = 0.5
+    out["AP75"] = _mean_scored(precision[5, ..., 0, 2])     # IOU_THRS[5] = 0.75
+    for a, size in enumerate("sml", 1):
+        out[f"AP{size}"] = _mean_scored(precision[..., a, 2])
+    for m, md in enumerate(MAX_DETS):
+        out[f"AR{md}"] = _mean_scored(recall[..., 0, m])
+    for a, size in enumerate("sml", 1):
+        out[f"AR{size}"] = _mean_scored(recall[..., a, 2])
+    return out
+
 def ytvis_ap(gt_dataset, results):
     """Video AP/AR as the YouTube-VIS cocoapi fork computes it (ytvoseval.py, segm, per category).
-    gt_dataset: the parsed annotations JSON; results: the parsed predictions list.
-    -> {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}; -1 where there was nothing to score."""
-    sizes = {v["id"]: (v["height"], v["width"]) for v in gt_dataset["videos"]}
-    lengths = {v["id"]: v.get("length") or len(v["file_names"]) for v in gt_dataset["videos"]}
-    vids, cats = sorted(sizes), sorted(c["id"] for c in gt_dataset["categories"])
-    for n, r in enumerate(list(gt_dataset["annotations"]) + list(results)):
-        if len(r["segmentations"]) != lengths.get(r["video_id"]):
-            raise ValueError(f"{'annotation' if 'id' in r else 'result'} {r.get('id', n)} has video_id {r['video_id']}"
-                             f" and {len(r['segmentations'])} segmentations; the ground truth has "
-                             f"{lengths.get(r['video_id'], 'no such video')} frames (one RLE or null per frame)")
-    gts, dts = _instances(gt_dataset["annotations"], True, sizes), _instances(results, False, sizes)
-    precision = -np.ones((len(IOU_THRS), len(REC_THRS), len(cats), len(AREA_RNGS), len(MAX_DETS)))  # -1: none
-    recall = -np.ones((len(IOU_THRS), len(cats), len(AREA_RNGS), len(MAX_DETS)))
+    gt_dataset: the parsed annotations JSON; results: the parsed predictions list. Input it cannot
+    score is refused with the result named (the fork skips unknown categories; we refuse them).
+    -> {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}; -1: nothing to score."""
+    sizes, lengths, cats = _check_ground_truth(gt_dataset)          # 1. validation
+    _check_results(results, sizes, lengths, cats)
+    gts = _instances(gt_dataset["annotations"], True, sizes)       # 2. grouping
+    dts = _instances(results, False, sizes)
+    shape = (len(IOU_THRS), len(REC_THRS), len(cats), len(AREA_RNGS), len(MAX_DETS))
+    precision = -np.ones(shape)                                     # (10, 101, K, A, M), -1: none
+    recall = -np.ones(shape[:1] + shape[2:])                        # (10, K, A, M)
     for k, cat in enumerate(cats):
-        E = [[] for _ in AREA_RNGS]                 # per area range, one entry per video with anything in it
-        for v in vids:
-            g, d = gts.get((v, cat), []), dts.get((v, cat), [])
-            d = [d[i] for i in np.argsort([-x["score"] for x in d], kind="mergesort")][:MAX_DETS[-1]]
-            ious = _video_ious([x["segs"] for x in d], [y["segs"] for y in g], *sizes[v])   # (D, G)
-            for a, (lo, hi) in enumerate(AREA_RNGS if g or d else ()):
-                E[a].append(_match(d, g, ious, lo, hi))
-        for (a, e), (m, md) in itertools.product(enumerate(E), enumerate(MAX_DETS)):
-            if (pr := _precision_recall(e, md)) is not None:
-                precision[:, :, k, a, m], recall[:, k, a, m] = pr
-
-    def mean(s):
-        return float(np.mean(s[s > -1])) if (s > -1).any() else -1.0
-    out = {"AP": mean(precision[..., 0, 2]), "AP50": mean(precision[0, ..., 0, 2]),  # IOU_THRS[0] = 0.5
-           "AP75": mean(precision[5, ..., 0, 2])}                                          # IOU_THRS[5] = 0.75
-    out.update({f"AP{s}": mean(precision[..., a, 2]) for a, s in enumerate("sml", 1)})
-    out.update({f"AR{md}": mean(recall[..., 0, m]) for m, md in enumerate(MAX_DETS)})
-    out.update({f"AR{s}": mean(recall[..., a, 2]) for a, s in enumerate("sml", 1)})
-    return out
+        per_area = _match_category(gts, dts, cat, sizes)            # 3. per-category matching
+        category_precision, category_recall = _accumulate(per_area)  # 4. accumulation
+        precision[:, :, k] = category_precision
+        recall[:, k] = category_recall
+    return _summarize(precision, recall)                            # 5. summary
 
 # ----------------------------------------------------------------------------------------- Streaming inference (Alg. 1)
 def _up(x, size):  # (n, h, w) -> (n, *size), bilinear; n may be 0
@@ -386,36 +614,105 @@ def run(args):  # the inference command line: <out>/<video>/<frame>.png, <out>/r
           f"RSS {rss:.0f} MB, CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f} MB | wrote {out}/{name}/*.png, "
           f"results.json, {name}.gif")
 
-# --------------------------------------------------------------------------------------------------------- Command line
+# ------------------------------------------------------------------------------------ Command line
+def _davis_sequences(gt_dir):
+    """The sequences to score, from the ground truth (never from --pred) -> (the folder of their
+    <sequence>/<frame>.png, names). --gt is a DAVIS root (ImageSets/2017/val.txt and
+    Annotations/480p in it) or a folder with that val.txt two levels up (DAVIS/Annotations/480p):
+    the sequences val.txt lists; any other folder: all its <sequence> subfolders."""
+    gt_dir = Path(gt_dir)
+    if not gt_dir.is_dir():
+        raise FileNotFoundError(f"--gt {gt_dir} is not a folder; expected a DAVIS root or a folder "
+                                "of <sequence>/<frame>.png ground truth")
+    listing = gt_dir / "ImageSets" / "2017" / "val.txt"
+    if listing.is_file():
+        gt_dir = gt_dir / "Annotations" / "480p"
+    else:
+        listing = gt_dir.resolve().parent.parent / "ImageSets" / "2017" / "val.txt"
+    if listing.is_file():
+        return gt_dir, listing.read_text().split()
+    names = sorted(p.name for p in gt_dir.iterdir() if p.is_dir())
+    if not names:
+        raise FileNotFoundError(f"--gt {gt_dir} has no <sequence> folders; expected "
+                                f"{gt_dir}/<sequence>/00000.png")
+    return gt_dir, names
+
+def _read_mask_like(path, like, shape, seq):
+    """A palette PNG of ids (H, W) that must have the size of the ground-truth file `like`."""
+    ids = read_palette_png(path)                # (h, w)
+    if ids.shape != shape:
+        h, w = ids.shape
+        raise ValueError(f"sequence {seq}: {path} is {h}x{w} (height x width) but {like} is "
+                         f"{shape[0]}x{shape[1]}; masks must have the ground truth's size")
+    return ids
+
+def _davis_read_sequence(gt_dir, pred_dir, seq):
+    """One sequence's ground truth and prediction, (T, H, W) id maps each. As in
+    davis2017-evaluation, only the scored frames (not the first or last) need a predicted PNG."""
+    files = sorted((gt_dir / seq).glob("*.png"))
+    if not files:
+        raise FileNotFoundError(f"sequence {seq}: no ground-truth PNGs in {gt_dir / seq}")
+    shape = read_palette_png(files[0]).shape    # (H, W)
+    gt = np.stack([_read_mask_like(f, files[0], shape, seq) for f in files])   # (T, H, W)
+    pred = np.zeros_like(gt)                    # (T, H, W); first and last frame stay unscored 0s
+    for t in range(1, len(files) - 1):
+        path = pred_dir / seq / files[t].name
+        if not path.is_file():
+            raise FileNotFoundError(f"sequence {seq}: {path} is missing; --pred needs a PNG for "
+                                    "every ground-truth frame but the first and the last")
+        pred[t] = _read_mask_like(path, files[t], shape, seq)
+    return gt, pred
+
 def _davis_folders(pred_dir, gt_dir):
-    """Yield (name, gt, pred) per <sequence> folder; as in davis2017-evaluation only scored frames need a PNG."""
-    seqs = sorted(p.name for p in Path(pred_dir).glob("*") if p.is_dir())
-    if not seqs or not Path(gt_dir).is_dir():
-        raise FileNotFoundError(f"expected folders {pred_dir}/<sequence>/00000.png and {gt_dir}/<sequence>/00000.png")
-    for seq in seqs:
-        files = sorted((Path(gt_dir) / seq).glob("*.png"))
-        if not files:
-            raise FileNotFoundError(f"no ground truth for sequence {seq}: {Path(gt_dir) / seq} has no PNGs")
-        gt = np.stack([read_palette_png(f) for f in files])    # (T, H, W)
-        pred = np.zeros_like(gt)                        # (T, H, W); first and last frame stay unscored zeros
-        for t, f in enumerate(files[1:-1], 1):
-            pred[t] = read_palette_png(Path(pred_dir) / seq / f.name)
+    """Yield (name, gt, pred) per ground-truth sequence. A sequence missing from --pred is an
+    error; --pred folders that are not ground-truth sequences are named in a warning, not scored."""
+    gt_dir, names = _davis_sequences(gt_dir)
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise FileNotFoundError(f"--pred {pred_dir} is not a folder; expected "
+                                "<sequence>/<frame>.png palette PNGs")
+    for seq in names:
+        if not (pred_dir / seq).is_dir():
+            raise FileNotFoundError(f"sequence {seq}: {pred_dir / seq} is missing; --pred needs a "
+                                    f"folder for each of the {len(names)} ground-truth sequences")
+    extra = sorted(p.name for p in pred_dir.iterdir() if p.is_dir() and p.name not in names)
+    if extra:
+        print(f"warning: --pred has {len(extra)} folder(s) that are not ground-truth sequences, "
+              f"not scored: {_listed(extra)}", file=sys.stderr)
+    for seq in names:
+        gt, pred = _davis_read_sequence(gt_dir, pred_dir, seq)
         yield seq, gt, pred
+
+def _print_davis(s):
+    """davis2017-evaluation's table: a row per <sequence>_<object>, then Global."""
+    cols = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
+    print(f"{'Sequence_object':<24}" + "".join(f"{c:>10}" for c in cols))
+    for name, (jm, jr, jd), (fm, fr, fd) in s["objects"]:
+        values = ((jm + fm) / 2, jm, jr, jd, fm, fr, fd)
+        print(f"{name:<24}" + "".join(f"{v:>10.4f}" for v in values))
+    print(f"{'Global':<24}" + "".join(f"{s[c]:>10.4f}" for c in cols))
+
+def _read_json(path, flag, what):
+    """A JSON file named by a flag; a missing or broken file is named with what it should be."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path} is not a file; expected {what}")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:                     # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{flag} {path} is not JSON ({e}); expected {what}") from None
 
 def evaluate(kind, pred, gt):
     """--eval: score predictions on disk, print the benchmark's numbers, return them."""
     if kind == "davis":
         s = davis_scores(_davis_folders(pred, gt))
-        cols = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
-        print(f"{'Sequence_object':<24}" + "".join(f"{c:>10}" for c in cols))
-        for name, (jm, jr, jd), (fm, fr, fd) in s["objects"]:
-            print(f"{name:<24}" + "".join(f"{v:>10.4f}" for v in ((jm + fm) / 2, jm, jr, jd, fm, fr, fd)))
-        print(f"{'Global':<24}" + "".join(f"{s[c]:>10.4f}" for c in cols))
+        _print_davis(s)
         return s
-    if not (Path(pred).is_file() and Path(gt).is_file()):
-        raise FileNotFoundError(f"--pred {pred} must be results.json and --gt {gt} the annotations JSON")
-    s = ytvis_ap(json.loads(Path(gt).read_text()), json.loads(Path(pred).read_text()))
-    print("\n".join(f"{k:<6} {v:.4f}" for k, v in s.items()))
+    results = _read_json(pred, "--pred", "results.json, a list of per-video results")
+    gt_dataset = _read_json(gt, "--gt", "the YouTube-VIS or OVIS annotations JSON")
+    s = ytvis_ap(gt_dataset, results)
+    for k, v in s.items():
+        print(f"{k:<6} {v:.4f}")
     return s
 
 def main(argv=None):
