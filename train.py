@@ -33,6 +33,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -375,23 +376,52 @@ def train_step(model, opt, batch, iterative=False, clip=1.0):
 
 # ------------------------------------------------------------- checkpoints, schedule, evaluation
 def save_checkpoint(path, model, opt, step, cfg, args):
-    """Model, optimizer, step, config, RNG states; written to a temp file, then renamed (atomic)."""
+    """Model, optimizer, step, config, RNG states; written to a temp file, then renamed (atomic).
+    Plain data only (tensors, numbers, strings, lists, dicts): the Config and the arguments as
+    dicts, so that load_checkpoint can read it with weights_only=True."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     rng = {"torch": torch.get_rng_state(), "cuda": cuda_rng}
     ck = {"model": model.state_dict(), "config": dataclasses.asdict(cfg),
-          "optimizer": opt.state_dict(), "step": step, "stage": args.stage, "args": vars(args),
-          "rng": rng}
+          "optimizer": opt.state_dict(), "step": step, "stage": args.stage,
+          "args": dict(vars(args)), "rng": rng}  # (argparse leaves str, int, float, bool, None)
     torch.save(ck, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path):
-    if not os.path.exists(path):
+def _remove_stale_tmp(path):
+    """A <ckpt>.tmp left by an interrupted save (the checkpoint itself is whole or absent)."""
+    if os.path.exists(path + ".tmp"):
+        os.remove(path + ".tmp")
+        print(f"removed {path}.tmp, left by an interrupted save", flush=True)
+
+
+def load_checkpoint(path, flag="--init"):
+    """A train.py checkpoint read as data (weights_only=True): a pickle that would run code, or
+    anything that is not a checkpoint, is refused with the file's name. flag: how the user named
+    it."""
+    if not os.path.isfile(path):
+        if flag == "--resume":
+            raise FileNotFoundError(f"--resume: no checkpoint {path}; run without --resume to "
+                                    f"start, or pass the --out of the run to continue")
         raise FileNotFoundError(f"checkpoint {path} not found: for --stage 2 / 3 train the "
                                 f"previous stage first (python train.py --stage 1) or pass --init "
                                 f"CKPT; --resume reads <--out>/ckpt.pt")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # code in the pickle, a truncated file, not a checkpoint at all
+        code = re.search(r"GLOBAL ([\w.]+)", str(e))
+        reason = f"it names {code.group(1)}" if code else str(e).strip().splitlines()[0][:100]
+        raise ValueError(f"{flag} {path}: refused, not a checkpoint of plain data ({reason}); "
+                         f"checkpoints are data, never code: use one written by train.py") from None
+    need = ["model", "config"]
+    if flag == "--resume":
+        need += ["optimizer", "step", "rng"]
+    missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"{flag} {path}: not a train.py checkpoint (no {missing}); use one "
+                         f"written by train.py")
+    return ck
 
 
 def lr_at(step, args):
@@ -522,17 +552,41 @@ def _setup_device(args, world):
     return device
 
 
-def _build_model(args, ck, overrides, device):
+def _build_model(args, ck, path, overrides, device):
     """The Config (the checkpoint's, or the preset's with the test overrides), the model."""
     preset = ausm.Config.tiny if args.preset == "tiny" else ausm.Config.paper
-    cfg = ausm.Config(**ck["config"]) if ck else preset(**overrides)
+    if ck:
+        try:
+            cfg = ausm.Config(**ck["config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint {path}: its config does not describe a model ({e}); use "
+                             f"one written by train.py") from None
+    else:
+        cfg = preset(**overrides)
     args.size = args.size or cfg.image_size
     model = ausm.AUSM(cfg).to(device)
     if ck:
-        model.load_state_dict(ck["model"])
+        try:
+            model.load_state_dict(ck["model"])
+        except (RuntimeError, TypeError, AttributeError) as e:
+            reason = str(e).strip().splitlines()[0][:120]
+            raise ValueError(f"checkpoint {path}: its weights do not fit its config ({reason}); "
+                             f"use one written by train.py") from None
     if args.stage == 3:  # only temporal modules and heads train (Sec. 3)
         model.backbone.requires_grad_(False)
     return cfg, model
+
+
+def _resume(ck, opt, path):
+    """Optimizer state and RNG of a --resume checkpoint -> its step."""
+    try:
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"]["torch"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise ValueError(f"--resume {path}: its optimizer or RNG state does not fit this model "
+                         f"({type(e).__name__}: {e}); resume with the settings the run started "
+                         f"with") from None
+    return int(ck["step"])
 
 
 def _print_banner(args, model, params, device, world, step, resumed):
@@ -611,28 +665,38 @@ def _train_loop(model, net, opt, cfg, args, step, device, rank, world):
 
 
 def main(argv=None, **overrides):
-    """Train (or --benchmark). overrides: Config fields of a fresh model (tests use tiny shapes)."""
-    args = parse_args(argv)
+    """Train (or --benchmark). overrides: Config fields of a fresh model (tests use tiny shapes).
+    A bad argument, checkpoint or dataset stops with one line `error: ...` (exit status 1)."""
+    try:
+        return run(parse_args(argv), overrides)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args, overrides):
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     device = _setup_device(args, world)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    ckpt = os.path.join(args.out, "ckpt.pt")
     ck = None
+    ck_path = None
     if args.resume:
-        ck = load_checkpoint(os.path.join(args.out, "ckpt.pt"))
+        ck_path = ckpt
+        ck = load_checkpoint(ckpt, "--resume")
     elif args.init:
+        ck_path = args.init
         ck = load_checkpoint(args.init)
-    cfg, model = _build_model(args, ck, overrides, device)
+    cfg, model = _build_model(args, ck, ck_path, overrides, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     step = 0
     if args.resume:  # (the data and the switch times restart from `step`, see data_from)
-        step = ck["step"]
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"]["torch"])
+        step = _resume(ck, opt, ckpt)
     if rank == 0:
+        _remove_stale_tmp(ckpt)
         _print_banner(args, model, params, device, world, step, args.resume)
     if args.benchmark:
         return benchmark(model, opt, cfg, args, device)

@@ -1,0 +1,105 @@
+"""train.py with bad input, as a hostile but ordinary user gives it (issue 13): checkpoints are data,
+never code; no silent substitution of arguments; bad datasets, checkpoints and flags stop with one
+line `error: ...` naming the file or flag (never a traceback). Each test writes its own bad files."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import train
+
+torch.set_num_threads(1)
+SMALL = dict(D=32, N_det=6, L_c=1, L_h=1, L_p=2, heads=2, ffn=64, width=16)  # a tiny model
+QUICK = ["--size", "32", "--batch-size", "1", "--no-eval", "--log-every", "1"]
+
+
+def fails(argv, capsys, **overrides):
+    """train.main(argv) must stop with exit status 1 and one line `error: ...`; -> that line."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv, **{**SMALL, **overrides})
+    message = str(e.value.code)
+    assert e.value.code not in (0, None) and message.startswith("error: "), message
+    assert "\n" not in message and "Traceback" not in capsys.readouterr().err
+    return message
+
+
+def trained(tmp_path, name="a", extra=()):
+    """A 1-iteration checkpoint of the tiny model -> its path."""
+    out = tmp_path / name
+    assert train.main(["--max-iters", "1", "--out", str(out), *QUICK, *extra], **SMALL) == 0
+    return out / "ckpt.pt"
+
+
+# ----------------------------------------------------------------------------- checkpoints are data
+class RunsCode:
+    """Pickles as a call of open(marker, "w"): loading it with weights_only=False creates the file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_malicious_checkpoint_runs_nothing(tmp_path, capsys):
+    good = torch.load(trained(tmp_path), weights_only=True)
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({**good, "model": RunsCode(marker)}, evil)
+    message = fails(["--stage", "2", "--init", str(evil), "--out", str(tmp_path / "b"), *QUICK], capsys)
+    assert not marker.exists() and str(evil) in message and "io.open" in message
+    (tmp_path / "c").mkdir()
+    torch.save({**good, "optimizer": RunsCode(marker)}, tmp_path / "c" / "ckpt.pt")
+    message = fails(["--resume", "--out", str(tmp_path / "c"), *QUICK], capsys)
+    assert not marker.exists() and str(tmp_path / "c" / "ckpt.pt") in message
+
+
+def test_checkpoints_hold_plain_data_only(tmp_path):
+    ck = torch.load(trained(tmp_path), weights_only=True)  # raises if anything is not plain data
+
+    def plain(x):
+        if isinstance(x, dict):
+            return all(isinstance(k, (str, int)) and plain(v) for k, v in x.items())
+        if isinstance(x, (list, tuple)):
+            return all(plain(v) for v in x)
+        return x is None or isinstance(x, (torch.Tensor, bool, int, float, str))
+    assert plain(ck) and type(ck["args"]) is dict and type(ck["config"]) is dict
+    assert ck["args"]["max_iters"] == 1 and ck["config"]["D"] == 32
+
+
+def test_not_a_checkpoint_is_named(tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    message = fails(["--init", str(junk), "--out", str(tmp_path / "o"), *QUICK], capsys)
+    assert str(junk) in message and "train.py" in message
+    torch.save({"weights": torch.zeros(2)}, junk)  # plain data, but not a train.py checkpoint
+    message = fails(["--init", str(junk), "--out", str(tmp_path / "o"), *QUICK], capsys)
+    assert str(junk) in message and "'model'" in message
+    ck = torch.load(trained(tmp_path), weights_only=True)
+    ck["model"] = {k: v[..., :1] for k, v in ck["model"].items()}  # weights of another shape
+    torch.save(ck, junk)
+    message = fails(["--init", str(junk), "--out", str(tmp_path / "o"), *QUICK], capsys)
+    assert str(junk) in message and "do not fit" in message
+
+
+def test_resume_without_a_checkpoint(tmp_path, capsys):
+    message = fails(["--resume", "--out", str(tmp_path / "none"), *QUICK], capsys)
+    assert "--resume" in message and str(tmp_path / "none" / "ckpt.pt") in message
+
+
+def test_a_stale_tmp_of_an_interrupted_save_is_removed(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
+
+    def killed(*a, **k):
+        raise RuntimeError("killed")  # the run dies before it saves anything
+    monkeypatch.setattr(train, "train_step", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        train.main(["--max-iters", "2", "--out", str(out), *QUICK], **SMALL)
+    assert not (out / "ckpt.pt.tmp").exists() and not (out / "ckpt.pt").exists()
