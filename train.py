@@ -507,15 +507,41 @@ def _parser():
     return ap
 
 
+COUNTS = ("frames", "batch_size", "max_iters", "log_every", "ckpt_every", "bench_iters")
+
+
+def _check_args(args):
+    """Refuse what cannot be meant (COUNTS must be >= 1); an option not given stays None (the
+    preset's value, see parse_args)."""
+    for name in COUNTS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be a positive number")
+    if args.size is not None and (args.size < 8 or args.size % 8):
+        raise ValueError(f"--size {args.size}: the frame size must be a positive multiple of 8 "
+                         f"(e.g. 64 or 128)")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr {args.lr}: the learning rate must be a positive number")
+    if args.time_limit is not None and not args.time_limit >= 0:
+        raise ValueError(f"--time-limit {args.time_limit}: minutes must be >= 0 (0 = no limit)")
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads}: must be >= 0 (0 = torch's default)")
+
+
+def _preset_default(value, default):
+    return default if value is None else value
+
+
 def parse_args(argv=None):
     args = _parser().parse_args(argv)
+    _check_args(args)
     pre = PRESETS[args.preset]
-    args.frames = args.frames or pre["frames"][args.stage]
-    args.batch_size = args.batch_size or (2 if args.benchmark else pre["batch_size"])
-    args.max_iters = args.max_iters or pre["iters"][args.stage]
-    args.lr = args.lr or pre["lr"]
-    if args.time_limit is None:
-        args.time_limit = pre["time_limit"]
+    batch_size = 2 if args.benchmark else pre["batch_size"]
+    args.frames = _preset_default(args.frames, pre["frames"][args.stage])
+    args.batch_size = _preset_default(args.batch_size, batch_size)
+    args.max_iters = _preset_default(args.max_iters, pre["iters"][args.stage])
+    args.lr = _preset_default(args.lr, pre["lr"])
+    args.time_limit = _preset_default(args.time_limit, pre["time_limit"])
     args.out = args.out or f"runs/stage{args.stage}"
     if args.init is None and args.stage > 1 and not args.resume and not args.benchmark:
         args.init = f"runs/stage{args.stage - 1}/ckpt.pt"
@@ -552,26 +578,73 @@ def _setup_device(args, world):
     return device
 
 
+def _checkpoint_config(args, ck, path):
+    """The Config saved in a checkpoint, refused if it was trained under another --preset."""
+    saved_args = ck.get("args")
+    trained = None
+    if isinstance(saved_args, dict):
+        trained = saved_args.get("preset")
+    if trained is not None and trained != args.preset:
+        raise ValueError(f"{path} holds a {trained} model (trained with --preset {trained}), not a "
+                         f"{args.preset} one: pass --preset {trained} to go on with it (--lr, "
+                         f"--batch-size, --max-iters set its schedule), or train a {args.preset} "
+                         f"model from --stage 1")
+    try:
+        return ausm.Config(**ck["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint {path}: its config does not describe a model ({e}); use "
+                         f"one written by train.py") from None
+
+
+def _class_head_for(cfg, args, path):
+    """--data with categories and no class head for them in cfg: add a K+1-way head (fresh weights),
+    recorded in the checkpoint's Config. -> (cfg, the name of the added head or None)."""
+    import data
+    dataset = args.data.partition(":")[0]
+    K = data.NUM_CLASSES.get(dataset, 0)
+    if K == 0 or dataset in dict(cfg.class_heads):
+        return cfg, None
+    if args.resume:
+        raise ValueError(f"--resume {path}: the model has no class head for --data {dataset}; "
+                         f"resume with the --data the run started with")
+    return dataclasses.replace(cfg, class_heads=cfg.class_heads + ((dataset, K),)), dataset
+
+
+def _load_weights(model, ck, path, added):
+    """The checkpoint's weights into model; only the added class head (if any) keeps fresh ones."""
+    try:
+        result = model.load_state_dict(ck["model"], strict=False)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        reason = str(e).strip().splitlines()[0][:120]
+        raise ValueError(f"checkpoint {path}: its weights do not fit its config ({reason}); "
+                         f"use one written by train.py") from None
+    new_head = f".cls.{added}."
+    missing = [k for k in result.missing_keys if added is None or new_head not in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint {path}: its weights do not fit its config (missing "
+                         f"{missing[:2]}, unexpected {result.unexpected_keys[:2]}); use one "
+                         f"written by train.py")
+
+
 def _build_model(args, ck, path, overrides, device):
-    """The Config (the checkpoint's, or the preset's with the test overrides), the model."""
+    """The Config (the checkpoint's, or the preset's with the test overrides) with what the
+    arguments change (--size, a class head for --data) recorded in it, and the model."""
     preset = ausm.Config.tiny if args.preset == "tiny" else ausm.Config.paper
     if ck:
-        try:
-            cfg = ausm.Config(**ck["config"])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"checkpoint {path}: its config does not describe a model ({e}); use "
-                             f"one written by train.py") from None
+        cfg = _checkpoint_config(args, ck, path)
     else:
         cfg = preset(**overrides)
-    args.size = args.size or cfg.image_size
+    if args.size is None:
+        args.size = cfg.image_size
+    elif args.size != cfg.image_size:  # trained (and evaluated) at --size: say so in the checkpoint
+        cfg = dataclasses.replace(cfg, image_size=args.size)
+    cfg, added = _class_head_for(cfg, args, path)
+    if added:
+        print(f"--data {added}: the model had no class head for it; added one "
+              f"({dict(cfg.class_heads)[added]} classes + no object, fresh weights)", flush=True)
     model = ausm.AUSM(cfg).to(device)
     if ck:
-        try:
-            model.load_state_dict(ck["model"])
-        except (RuntimeError, TypeError, AttributeError) as e:
-            reason = str(e).strip().splitlines()[0][:120]
-            raise ValueError(f"checkpoint {path}: its weights do not fit its config ({reason}); "
-                             f"use one written by train.py") from None
+        _load_weights(model, ck, path, added)
     if args.stage == 3:  # only temporal modules and heads train (Sec. 3)
         model.backbone.requires_grad_(False)
     return cfg, model

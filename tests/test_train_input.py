@@ -1,6 +1,7 @@
-"""train.py with bad input, as a hostile but ordinary user gives it (issue 13): checkpoints are data,
-never code; no silent substitution of arguments; bad datasets, checkpoints and flags stop with one
-line `error: ...` naming the file or flag (never a traceback). Each test writes its own bad files."""
+"""train.py with bad input, as a hostile but ordinary user gives it (issue 13): checkpoints are
+data, never code; no silent substitution of arguments; bad datasets, checkpoints and flags stop with
+one line `error: ...` naming the file or flag (never a traceback). Each test writes its own bad
+files."""
 import json
 import os
 from pathlib import Path
@@ -35,9 +36,9 @@ def trained(tmp_path, name="a", extra=()):
     return out / "ckpt.pt"
 
 
-# ----------------------------------------------------------------------------- checkpoints are data
+# ------------------------------------------------------------------------ checkpoints are data
 class RunsCode:
-    """Pickles as a call of open(marker, "w"): loading it with weights_only=False creates the file."""
+    """Pickles as a call of open(marker, "w"): loading it with weights_only=False makes the file."""
 
     def __init__(self, marker):
         self.marker = str(marker)
@@ -51,7 +52,8 @@ def test_a_malicious_checkpoint_runs_nothing(tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({**good, "model": RunsCode(marker)}, evil)
-    message = fails(["--stage", "2", "--init", str(evil), "--out", str(tmp_path / "b"), *QUICK], capsys)
+    argv = ["--stage", "2", "--init", str(evil), "--out", str(tmp_path / "b"), *QUICK]
+    message = fails(argv, capsys)
     assert not marker.exists() and str(evil) in message and "io.open" in message
     (tmp_path / "c").mkdir()
     torch.save({**good, "optimizer": RunsCode(marker)}, tmp_path / "c" / "ckpt.pt")
@@ -103,3 +105,70 @@ def test_a_stale_tmp_of_an_interrupted_save_is_removed(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="killed"):
         train.main(["--max-iters", "2", "--out", str(out), *QUICK], **SMALL)
     assert not (out / "ckpt.pt.tmp").exists() and not (out / "ckpt.pt").exists()
+
+
+# ------------------------------------------------------------------------ no silent substitution
+def refuse_training(monkeypatch):
+    """Any training step is a failure from here on: the arguments must be refused before (old code
+    trained with the preset's values instead)."""
+    def step(*a, **k):
+        raise AssertionError("trained although the arguments should have been refused")
+    monkeypatch.setattr(train, "train_step", step)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    refuse_training(monkeypatch)
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--frames", "--max-iters", "--log-every",
+                                  "--ckpt-every", "--bench-iters"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_non_positive_counts_are_refused(tmp_path, capsys, no_training, flag, value):
+    argv = ["--out", str(tmp_path), *QUICK]
+    argv += [flag, value]  # (the last of a repeated flag counts)
+    message = fails(argv, capsys)
+    assert message == f"error: {flag} {value}: must be a positive number"
+
+
+@pytest.mark.parametrize("argv, says", [(["--size", "30"], "--size 30: the frame size must be a "
+                                         "positive multiple of 8"),
+                                        (["--size", "0"], "--size 0: the frame size"),
+                                        (["--lr", "0"], "--lr 0.0: the learning rate"),
+                                        (["--lr", "nan"], "--lr nan: the learning rate"),
+                                        (["--time-limit", "-1"], "--time-limit -1.0: minutes"),
+                                        (["--threads", "-1"], "--threads -1: must be >= 0")])
+def test_bad_values_are_refused(tmp_path, capsys, no_training, argv, says):
+    message = fails(["--out", str(tmp_path), *QUICK, *argv], capsys)
+    assert message.startswith(f"error: {says}")
+
+
+def test_size_is_recorded_in_the_checkpoint(tmp_path):
+    ck = torch.load(trained(tmp_path), weights_only=True)  # QUICK trains at --size 32
+    assert ck["config"]["image_size"] == 32 and ck["args"]["size"] == 32
+
+
+def test_a_checkpoint_of_another_preset_is_refused(tmp_path, capsys, monkeypatch):
+    tiny = trained(tmp_path)
+    refuse_training(monkeypatch)
+    message = fails(["--preset", "paper", "--stage", "2", "--init", str(tiny), "--out",
+                     str(tmp_path / "p"), *QUICK], capsys)
+    assert str(tiny) in message and "--preset tiny" in message
+
+
+def test_data_with_classes_gets_its_class_head_recorded(tmp_path, capsys):
+    stage1 = trained(tmp_path)
+    heads = torch.load(stage1, weights_only=True)["config"]["class_heads"]
+    assert [name for name, _ in heads] == ["synthetic"]
+    data.write_synthetic("ytvis", tmp_path / "vis", num_videos=2, T=3, size=32)
+    spec = f"ytvis19:{tmp_path / 'vis' / 'instances.json'}:{tmp_path / 'vis' / 'JPEGImages'}"
+    out = tmp_path / "s2"
+    assert train.main(["--stage", "2", "--init", str(stage1), "--data", spec, "--frames", "2",
+                       "--max-iters", "1", "--out", str(out), *QUICK]) == 0
+    assert "added one (40 classes + no object" in capsys.readouterr().out
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ("ytvis19", 40) in [tuple(h) for h in ck["config"]["class_heads"]]
+    assert ck["model"]["pixel_decoder.cls.ytvis19.weight"].shape[0] == 41
+    old = torch.load(stage1, weights_only=True)["model"]
+    assert torch.equal(ck["model"]["pixel_decoder.cls.synthetic.weight"],
+                       old["pixel_decoder.cls.synthetic.weight"])  # (not trained on ytvis19 clips)
