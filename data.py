@@ -22,6 +22,7 @@ import functools
 import itertools
 import json
 import math
+import re
 import warnings
 from collections import namedtuple
 from dataclasses import dataclass
@@ -209,30 +210,46 @@ def _voc_palette():
 
 VOC_PALETTE = _voc_palette()
 
-def _read_image(path, palette=False):
-    """-> uint8 (h, w, 3) RGB frame, or uint8 (h, w) ids of a palette PNG. Bad files are named."""
+def _load_image(path, palette):
+    """-> (uint8 (h, w, 3) RGB frame or uint8 (h, w) mask values, the file's PIL mode)."""
     what = "mask PNG" if palette else "frame image"
     expected = "palette PNG" if palette else "JPEG/PNG frame"
     try:
         with Image.open(path) as im:
             im.load()
-            if palette and im.mode not in ("P", "L"):
+            if palette and im.mode not in ("P", "L", "1"):
                 raise ValueError(f"{path}: mask is mode {im.mode!r}; expected an 8-bit palette "
-                                 f"('P') PNG whose pixel values are object ids (re-save it with "
-                                 f"data.write_palette_png)")
+                                 f"('P') PNG whose pixel values are object ids, or a binary mask "
+                                 f"(re-save it with data.write_palette_png)")
             if palette:
-                return np.array(im, dtype=np.uint8)
-            return np.array(im.convert("RGB"), dtype=np.uint8)
+                return np.array(im, dtype=np.uint8), im.mode
+            return np.array(im.convert("RGB"), dtype=np.uint8), im.mode
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: {what} not found") from None
     except (OSError, SyntaxError) as e:
         raise ValueError(f"{path}: cannot decode {what} ({e}); expected a complete {expected} "
                          f"(re-extract or re-download it)") from None
 
+def _read_image(path, palette=False):
+    """-> uint8 (h, w, 3) RGB frame, or uint8 (h, w) values of a mask PNG. Bad files are named."""
+    return _load_image(path, palette)[0]
+
 def read_palette_png(path):
-    """An 8-bit palette ("P") PNG of object ids -> uint8 (h, w). RGB masks are refused (a classic
-    bug)."""
-    return _read_image(path, palette=True)
+    """A mask PNG -> uint8 (h, w) object ids. A palette ("P") PNG's values are the ids (255 = void,
+    dropped by the readers). A binary mask -- mode "1", or a grayscale ("L") PNG with one value
+    besides 0, as DAVIS 2016 and most tools save them (0/255) -- is object 1; a grayscale PNG with
+    more values is read as ids, like a palette one. RGB masks are refused (a classic bug)."""
+    ids, mode = _load_image(path, palette=True)
+    if mode in ("L", "1"):
+        values = np.unique(ids)
+        if np.count_nonzero(values) == 1:
+            return (ids != 0).astype(np.uint8)
+    return ids
+
+def natural_key(path):
+    """Sort key of a file name that compares its numbers as numbers: frame2 before frame10."""
+    parts = re.split(r"(\d+)", Path(path).name)
+    return [int(p) if i % 2 else p for i, p in enumerate(parts)]
 
 def write_palette_png(path, ids):
     ids = np.asarray(ids)
@@ -418,7 +435,8 @@ def _load_json(path):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 def _png_ann(pngs, t, h, w, known=None, meta=None):
-    """Ids of palette PNG `pngs[t]` (255 = void -> background). No PNG -> no annotation ({})."""
+    """Ids of mask PNG `pngs[t]` (255 = void -> background; a binary mask is object 1, see
+    read_palette_png). No PNG -> no annotation ({})."""
     p = pngs[t]
     if not p.is_file():
         return {}
@@ -484,7 +502,7 @@ def _png_videos(root, dataset, train):
                                 f"JPEGImages[/480p]/<video>/*.jpg")
     videos = []
     for name in _png_video_names(root, jroot, meta, train):
-        frames = sorted((jroot / name).glob("*.jpg"))
+        frames = sorted((jroot / name).glob("*.jpg"), key=natural_key)
         if not frames:
             raise FileNotFoundError(f"{jroot / name}: no .jpg frames for video {name!r}")
         pngs = [aroot / name / (f.stem + ".png") for f in frames]
