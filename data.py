@@ -500,6 +500,9 @@ def _png_videos(root, dataset, train):
     if not jroot.is_dir():
         raise FileNotFoundError(f"{jroot}: not found; expected the {dataset} layout "
                                 f"JPEGImages[/480p]/<video>/*.jpg")
+    if not aroot.is_dir():
+        raise FileNotFoundError(f"{aroot}: not found; expected the {dataset} layout "
+                                f"Annotations[/480p]/<video>/*.png beside {jroot}")
     videos = []
     for name in _png_video_names(root, jroot, meta, train):
         frames = sorted((jroot / name).glob("*.jpg"), key=natural_key)
@@ -517,11 +520,20 @@ def _png_videos(root, dataset, train):
         videos.append(_Video(name, dataset, frames, load, {}))
     return videos
 
+def _check_polygons(polygons):
+    """Polygons of which none has 3 points are an error (one bad among good ones: a warning)."""
+    sizes = [np.asarray(poly, dtype=np.float64).size for poly in polygons]
+    good = [n for n in sizes if n >= 6 and n % 2 == 0]
+    if sizes and not good:
+        raise ValueError(f"no polygon has >= 3 (x, y) pairs (numbers per polygon: {sizes}); fix "
+                         f"or drop this annotation")
+
 def _seg_mask(seg, h, w, where):
     """A COCO / YouTube-VIS segmentation (polygons, uncompressed or compressed RLE) -> bool
     (h, w)."""
     try:
         if isinstance(seg, list):
+            _check_polygons(seg)
             return polygons_to_mask(seg, h, w, where=f"{where}: polygon") > 0
         if isinstance(seg, dict) and "counts" in seg:
             if [int(v) for v in seg.get("size", (h, w))] != [h, w]:
@@ -535,11 +547,12 @@ def _seg_mask(seg, h, w, where):
 _JSON_KEYS = {"coco": {"images": "id file_name height width",
                        "annotations": "id image_id category_id segmentation"},
               "video": {"videos": "id file_names height width",
-                        "annotations": "id video_id category_id segmentations"}}
+                        "annotations": "id video_id category_id segmentations"},
+              "both": {"categories": "id"}}
 
 def _check_json_keys(d, path, coco):
     """Every entry of the JSON's lists is a dict with the keys the reader uses."""
-    need = _JSON_KEYS["coco" if coco else "video"]
+    need = {**_JSON_KEYS["coco" if coco else "video"], **_JSON_KEYS["both"]}
     for part, keys in need.items():
         for i, x in enumerate(d.get(part, [])):
             miss = [k for k in keys.split() if not isinstance(x, dict) or k not in x]
@@ -569,6 +582,9 @@ def _json_videos(path, imgdir, dataset):
     """YouTube-VIS 2019/2021, OVIS (per-frame segmentations, null = absent), COCO (an image = a
     one-frame video, made a pseudo-video by _read_clip). Crowd annotations are dropped."""
     d = _load_json(path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'videos' (or 'images'), "
+                         f"'annotations' and 'categories', got a {type(d).__name__}")
     coco = dataset == "coco"
     _check_json_keys(d, path, coco)
     # id -> [0, K)
@@ -590,6 +606,10 @@ def _json_videos(path, imgdir, dataset):
         anns = by_video.get(v["id"], [])
         L = len(v["file_names"])
         for a in anns:
+            if not isinstance(a["segmentations"], list):
+                raise ValueError(f"{path}: annotation {a['id']} of video {v['id']} has "
+                                 f"'segmentations': {json.dumps(a['segmentations'])}; expected a "
+                                 f"list with one segmentation (or null) per frame")
             if len(a["segmentations"]) != L:
                 raise ValueError(f"{path}: annotation {a['id']} of video {v['id']} has "
                                  f"{len(a['segmentations'])} segmentations but the video has {L} "

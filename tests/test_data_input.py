@@ -55,7 +55,8 @@ def test_unpadded_frame_numbers_are_read_in_natural_order(annotations):
     (clip,) = data.heldout(spec, n=1, T=None, size=S)
     assert [frame_index(f) for f in clip.frames] == list(range(12))
     shuffled = [annotations / "x10.jpg", annotations / "x2.jpg", annotations / "x1.jpg"]
-    assert [p.name for p in sorted(shuffled, key=data.natural_key)] == ["x1.jpg", "x2.jpg", "x10.jpg"]
+    in_order = sorted(shuffled, key=data.natural_key)
+    assert [p.name for p in in_order] == ["x1.jpg", "x2.jpg", "x10.jpg"]
 
 
 @pytest.mark.parametrize("values", [(0, 255), (0, 1), (0, 38)])
@@ -70,7 +71,9 @@ def test_a_grayscale_binary_mask_is_object_1(annotations, values):
 
 
 def test_a_1bit_mask_is_object_1(annotations):
-    spec = write_davis(annotations, ["00000", "00001"], lambda t: Image.fromarray(box()).convert("1"))
+    def one_bit(t):
+        return Image.fromarray(box()).convert("1")
+    spec = write_davis(annotations, ["00000", "00001"], one_bit)
     (clip,) = data.heldout(spec, n=1, T=None, size=S)
     assert clip.ids == [1] and torch.equal(clip.masks[0, 0], torch.from_numpy(box()))
 

@@ -3,13 +3,12 @@ data, never code; no silent substitution of arguments; bad datasets, checkpoints
 one line `error: ...` naming the file or flag (never a traceback). Each test writes its own bad
 files."""
 import json
-import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import data
 import train
@@ -172,3 +171,86 @@ def test_data_with_classes_gets_its_class_head_recorded(tmp_path, capsys):
     old = torch.load(stage1, weights_only=True)["model"]
     assert torch.equal(ck["model"]["pixel_decoder.cls.synthetic.weight"],
                        old["pixel_decoder.cls.synthetic.weight"])  # (not trained on ytvis19 clips)
+
+
+# ------------------------------------------------------------------------ bad datasets: one line
+def davis_set(tmp_path):
+    data.write_synthetic("davis", tmp_path / "davis", num_videos=1, T=3, size=32, split="train")
+    return tmp_path / "davis"
+
+
+def vis_set(tmp_path, segmentations=None):
+    """A YouTube-VIS set; segmentations: what every annotation gets instead of its own."""
+    root = tmp_path / "vis"
+    data.write_synthetic("ytvis", root, num_videos=1, T=3, size=32)
+    js = root / "instances.json"
+    d = json.loads(js.read_text())
+    for a in d["annotations"]:
+        a["segmentations"] = segmentations
+    js.write_text(json.dumps(d))
+    return f"ytvis19:{js}:{root / 'JPEGImages'}", js
+
+
+def train_on(spec, tmp_path, capsys):
+    return fails(["--data", spec, "--max-iters", "1", "--out", str(tmp_path / "o"), *QUICK], capsys)
+
+
+def test_davis_without_annotations(tmp_path, capsys):
+    root = davis_set(tmp_path)
+    shutil.rmtree(root / "Annotations")
+    message = train_on(f"davis:{root}", tmp_path, capsys)
+    assert str(root / "Annotations" / "480p") in message and "not found" in message
+
+
+def test_davis_frame_without_its_png(tmp_path, capsys):
+    root = davis_set(tmp_path)
+    png = next((root / "Annotations/480p").rglob("00001.png"))
+    png.unlink()
+    message = train_on(f"davis:{root}", tmp_path, capsys)
+    assert "frame 00001.jpg has no mask" in message and str(png) in message
+
+
+def test_davis_mask_of_another_size(tmp_path, capsys):
+    root = davis_set(tmp_path)
+    for png in (root / "Annotations/480p").rglob("*.png"):
+        data.write_palette_png(png, np.zeros((32, 31), np.uint8))
+    message = train_on(f"davis:{root}", tmp_path, capsys)
+    assert ".png: mask is 31x32 (w x h) but its frame is 32x32" in message
+
+
+def test_vis_segmentations_null(tmp_path, capsys):
+    spec, js = vis_set(tmp_path, None)
+    message = train_on(spec, tmp_path, capsys)
+    assert str(js) in message and "'segmentations': null" in message
+
+
+def test_vis_rle_runs_past_the_image(tmp_path, capsys):
+    spec, js = vis_set(tmp_path, [{"size": [32, 32], "counts": [0, 2000]}] * 3)
+    message = train_on(spec, tmp_path, capsys)
+    assert str(js) in message and "RLE runs cover 2000 pixels" in message
+
+
+def test_vis_two_point_polygons(tmp_path, capsys):
+    spec, js = vis_set(tmp_path, [[[4, 4, 20, 20]]] * 3)
+    message = train_on(spec, tmp_path, capsys)
+    assert str(js) in message and "no polygon has >= 3 (x, y) pairs" in message
+
+
+def test_json_that_is_not_an_object_and_unknown_specs(tmp_path, capsys):
+    spec, js = vis_set(tmp_path)
+    js.write_text("[]")
+    assert "expected a JSON object" in train_on(spec, tmp_path, capsys)
+    assert "unknown dataset spec 'kitti:x'" in train_on("kitti:x", tmp_path, capsys)
+    missing = tmp_path / "nowhere"
+    assert f"davis:{missing}" in train_on(f"davis:{missing}", tmp_path, capsys)
+
+
+def test_the_command_line_prints_one_line_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "train.py", "--size", "30", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stdout == ""
+    want = "error: --size 30: the frame size must be a positive multiple of 8 (e.g. 64 or 128)"
+    assert res.stderr.splitlines() == [want]
