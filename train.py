@@ -411,7 +411,9 @@ def load_checkpoint(path, flag="--init"):
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # code in the pickle, a truncated file, not a checkpoint at all
         code = re.search(r"GLOBAL ([\w.]+)", str(e))
-        reason = f"it names {code.group(1)}" if code else str(e).strip().splitlines()[0][:100]
+        reason = f"not a file of torch.save ({str(e).strip().splitlines()[0][:80]})"
+        if code:
+            reason = f"it would call {code.group(1)}"
         raise ValueError(f"{flag} {path}: refused, not a checkpoint of plain data ({reason}); "
                          f"checkpoints are data, never code: use one written by train.py") from None
     need = ["model", "config"]
