@@ -14,6 +14,9 @@ What differs: nothing can be downloaded, so the default is a procedural world ("
   appear mid-video, over a panning background. Frames are resized to a square `size` (the paper
   keeps the aspect ratio). Real formats (PAPER.md Sec. 8) are read with numpy + PIL (RLE, polygons
   as pycocotools, bit for bit); `python data.py --write davis:DIR` writes the synthetic set in them.
+  Masks as people have them: a palette PNG's values are object ids (255 = void); a binary mask
+  (grayscale 0/k such as DAVIS 2016's 0/255, or 1-bit) is object 1; frames numbered without zero
+  padding are read in natural order (frame2 before frame10).
 Left out: dataset mixture weights, SA-1B, large-scale jitter, colour augmentation, aspect-preserving
   resize.
 """
