@@ -1,22 +1,31 @@
-"""data.py -- every clip AUSM trains or is evaluated on, in one format (Clip), plus an exact COCO RLE codec.
+"""data.py -- every clip AUSM trains or is evaluated on, in one format (Clip), plus an exact COCO
+RLE codec.
 
-Paper (Heo et al., arXiv 2508.19242): Sec. 3's recipe trains stage 1 on pseudo-videos made from still
-  images (COCO), VITA-style: one image augmented independently per frame (random resize, crop, flip, small
-  rotation) with instance ids kept; stages 2/3 on T-frame clips of real videos (YouTube-VOS, MOSE,
-  YouTube-VIS, OVIS) sampled in order with a random stride, longer in stage 3 (the caller's T). Sec. 2.3:
-  each dataset has its own class head, NUM_CLASSES (0 = class-agnostic VOS data); Clip.dataset picks it.
-What differs: nothing can be downloaded, so the default is a procedural world ("synthetic"): a textured background
-  and 1-5 objects of 6 shape categories in distinct striped colours. Stage 1 makes pseudo-videos of a still scene
-  as above; stages 2/3 get videos where objects move, scale and rotate along smooth paths, occlude each other (depth
-  order), leave the frame and come back, and appear mid-video, over a panning background. Frames are resized to a
-  square `size` (the paper keeps the aspect ratio). Real formats (PAPER.md Sec. 8) are read with numpy + PIL
-  (RLE, polygons as pycocotools, bit for bit); `python data.py --write davis:DIR` writes the synthetic set in them.
-Left out: dataset mixture weights, SA-1B, large-scale jitter, colour augmentation, aspect-preserving resize.
+Paper (Heo et al., arXiv 2508.19242): Sec. 3's recipe trains stage 1 on pseudo-videos made from
+  still images (COCO), VITA-style: one image augmented independently per frame (random resize, crop,
+  flip, small rotation) with instance ids kept; stages 2/3 on T-frame clips of real videos
+  (YouTube-VOS, MOSE, YouTube-VIS, OVIS) sampled in order with a random stride, longer in stage 3
+  (the caller's T). Sec. 2.3: each dataset has its own class head, NUM_CLASSES (0 = class-agnostic
+  VOS data); Clip.dataset picks it.
+What differs: nothing can be downloaded, so the default is a procedural world ("synthetic"): a
+  textured background and 1-5 objects of 6 shape categories in distinct striped colours. Stage 1
+  makes pseudo-videos of a still scene as above; stages 2/3 get videos where objects move, scale and
+  rotate along smooth paths, occlude each other (depth order), leave the frame and come back, and
+  appear mid-video, over a panning background. Frames are resized to a square `size` (the paper
+  keeps the aspect ratio). Real formats (PAPER.md Sec. 8) are read with numpy + PIL (RLE, polygons
+  as pycocotools, bit for bit); `python data.py --write davis:DIR` writes the synthetic set in them.
+  Masks as people have them: a palette PNG's values are object ids (255 = void); a binary mask
+  (grayscale 0/k such as DAVIS 2016's 0/255, or 1-bit) is object 1; frames numbered without zero
+  padding are read in natural order (frame2 before frame10).
+Left out: dataset mixture weights, SA-1B, large-scale jitter, colour augmentation, aspect-preserving
+  resize.
 """
 import argparse
+import functools
 import itertools
 import json
 import math
+import re
 import warnings
 from collections import namedtuple
 from dataclasses import dataclass
@@ -30,23 +39,29 @@ from PIL import Image
 NUM_CLASSES = {"synthetic": 6, "coco": 80, "ytvis19": 40, "ytvis21": 40, "ovis": 25,
                "davis": 0, "mose": 0, "ytvos": 0}     # 0 = class-agnostic (foreground logit only)
 SYNTHETIC_CATEGORIES = ("circle", "square", "triangle", "star", "ring", "cross")
-_TRAIN, _HELDOUT = 1, 2   # first word of every synthetic seed: train and held-out keys can never coincide
+_TRAIN = 1     # first word of every synthetic training seed,
+_HELDOUT = 2   # and of every held-out one: the two sets of keys can never coincide
 
 @dataclass
 class Clip:
     frames: torch.Tensor   # (T, 3, H, W) float32 in [0, 1]
-    masks: torch.Tensor    # (N, T, H, W) bool; masks[i, t] = instance i in frame t (all False = absent)
-    labels: torch.Tensor   # (N,) long: category index in [0, K) of this dataset's head; -1 = no class
+    # (N, T, H, W) bool; masks[i, t] = instance i in frame t (all False = absent)
+    masks: torch.Tensor
+    # (N,) long: category index in [0, K) of this dataset's head; -1 = no class
+    labels: torch.Tensor
     ids: list              # N original object ids (palette index, annotation id, ...), for outputs
-    dataset: str           # "synthetic", "coco", "davis", "mose", "ytvos", "ytvis19", "ytvis21", "ovis"
+    dataset: str  # "synthetic", "coco", "davis", "mose", "ytvos", "ytvis19", "ytvis21", "ovis"
     name: str              # video / image name, for messages and output folders
 
 # ----------------------------------------------------------------------------- COCO RLE, numpy only
 def _counts_to_string(counts):
-    """COCO's compressed counts: 5 bits a character, low bits first, deltas from the 4th count on."""
+    """COCO's compressed counts: 5 bits a character, low bits first, deltas from the 4th count."""
     out = []
     for i, c in enumerate(counts):
-        x, more = int(c) - (int(counts[i - 2]) if i > 2 else 0), True
+        x = int(c)
+        if i > 2:
+            x -= int(counts[i - 2])
+        more = True
         while more:
             ch = x & 0x1F
             x >>= 5                                   # arithmetic shift, like C's on a signed long
@@ -55,39 +70,55 @@ def _counts_to_string(counts):
     return "".join(out)
 
 def _string_to_counts(s):
-    counts, p = [], 0
+    counts = []
+    p = 0
     while p < len(s):
-        x, k, more = 0, 0, True
+        x = 0
+        k = 0
+        more = True
         while more:
             if p >= len(s):
                 raise ValueError("compressed RLE string ends in the middle of a count (truncated?)")
             c = ord(s[p]) - 48
             if not 0 <= c < 64:
-                raise ValueError(f"character {s[p]!r} at {p} is not a COCO RLE character (ASCII 48..111)")
+                raise ValueError(f"character {s[p]!r} at {p} is not a COCO RLE character "
+                                 f"(ASCII 48..111)")
             x |= (c & 0x1F) << (5 * k)
-            more, p, k = c & 0x20, p + 1, k + 1
+            more = c & 0x20
+            p += 1
+            k += 1
             if not more and c & 0x10:
                 x |= -1 << (5 * k)                    # sign-extend the last group
-        counts.append(x + (counts[-2] if len(counts) > 2 else 0))
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
     return counts
 
 def rle_counts(rle):
     """The run lengths of an RLE dict whose counts are a compressed str/bytes or a list of ints."""
-    c = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
-    return _string_to_counts(c) if isinstance(c, str) else [int(x) for x in c]
+    c = rle["counts"]
+    if isinstance(c, bytes):
+        c = c.decode("ascii")
+    if isinstance(c, str):
+        return _string_to_counts(c)
+    return [int(x) for x in c]
 
 def rle_encode(mask):
-    """(h, w) mask -> {"size": [h, w], "counts": str}: column-major runs starting with zeros, compressed."""
+    """(h, w) mask -> {"size": [h, w], "counts": str}: column-major runs starting with zeros,
+    compressed."""
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"rle_encode expects one (h, w) mask, got shape {m.shape}")
     flat = (m != 0).ravel(order="F")                                    # (h*w,) column-major
     edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    counts = [0] * int(flat.size > 0 and flat[0]) + np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    starts_with_one = flat.size > 0 and flat[0]
+    counts = [0] * int(starts_with_one) + runs                          # the first run counts zeros
     return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": _counts_to_string(counts)}
 
 def rle_decode(rle):
-    """RLE dict (compressed str/bytes or uncompressed list) -> uint8 (h, w). Runs past h*w are an error."""
+    """RLE dict (compressed str/bytes or uncompressed list) -> uint8 (h, w). Runs past h*w are an
+    error."""
     try:
         h, w = (int(v) for v in rle["size"])
     except (KeyError, TypeError, ValueError):
@@ -96,9 +127,10 @@ def rle_decode(rle):
     if (counts < 0).any():
         raise ValueError(f"RLE has a negative run length ({counts.min()}); counts are corrupt")
     if counts.sum() > h * w:
-        raise ValueError(f"RLE runs cover {counts.sum()} pixels but its size {h}x{w} has only {h * w}")
+        raise ValueError(f"RLE runs cover {counts.sum()} pixels but its size {h}x{w} has only "
+                         f"{h * w}")
     flat = np.repeat((np.arange(len(counts)) % 2).astype(np.uint8), counts)
-    flat = np.pad(flat, (0, h * w - flat.size))                         # short RLE: rest is 0 (as pycocotools)
+    flat = np.pad(flat, (0, h * w - flat.size))  # short RLE: rest is 0 (as pycocotools)
     return np.ascontiguousarray(flat.reshape(w, h).T)                   # (h, w)
 
 def rle_area(rle):
@@ -107,87 +139,128 @@ def rle_area(rle):
 def mask_to_bbox(mask):
     """[x, y, w, h] floats of the set pixels ([0, 0, 0, 0] when empty), like pycocotools' toBbox."""
     ys, xs = np.nonzero(np.asarray(mask))
-    return [float(v) for v in (xs.min(), ys.min(), np.ptp(xs) + 1, np.ptp(ys) + 1)] if xs.size else [0.0] * 4
+    if xs.size == 0:
+        return [0.0] * 4
+    return [float(v) for v in (xs.min(), ys.min(), np.ptp(xs) + 1, np.ptp(ys) + 1)]
 
 def mask_iou(a, b, crowd=False):
-    """IoU of two masks; crowd=True: |a & b| / |a| (b is a crowd region). 0 when the denominator is 0."""
-    a, b = np.asarray(a) != 0, np.asarray(b) != 0
-    inter, den = int((a & b).sum()), int(a.sum() if crowd else (a | b).sum())
+    """IoU of two masks; crowd=True: |a & b| / |a| (b is a crowd region). 0 when the denominator is
+    0."""
+    a = np.asarray(a) != 0
+    b = np.asarray(b) != 0
+    inter = int((a & b).sum())
+    den = int(a.sum() if crowd else (a | b).sum())
     return inter / den if inter else 0.0
 
 def _poly_mask(xy, h, w, scale=5.0):
-    """pycocotools' rleFrPoly: trace the edges at 5x, keep where they cross pixel columns, fill between."""
+    """pycocotools' rleFrPoly: trace the edges at 5x, keep where they cross pixel columns, fill
+    between."""
     x = np.trunc(scale * xy[0::2] + 0.5).astype(np.int64)              # C's (int) cast truncates
     y = np.trunc(scale * xy[1::2] + 0.5).astype(np.int64)
-    x, y = np.append(x, x[0]), np.append(y, y[0])
-    us, vs = [], []
+    x = np.append(x, x[0])                                              # close the polygon
+    y = np.append(y, y[0])
+    us = []
+    vs = []
     for j in range(len(x) - 1):
-        xs, xe, ys, ye = int(x[j]), int(x[j + 1]), int(y[j]), int(y[j + 1])
-        dx, dy = abs(xe - xs), abs(ye - ys)
+        xs, xe, ys, ye = int(x[j]), int(x[j + 1]), int(y[j]), int(y[j + 1])   # the edge's two ends
+        dx = abs(xe - xs)
+        dy = abs(ye - ys)
         flip = (dx >= dy and xs > xe) or (dx < dy and ys > ye)
-        xs, xe, ys, ye = (xe, xs, ye, ys) if flip else (xs, xe, ys, ye)
+        if flip:
+            xs, xe, ys, ye = xe, xs, ye, ys
         t = np.arange(max(dx, dy) + 1)
-        t = max(dx, dy) - t if flip else t
+        if flip:
+            t = max(dx, dy) - t
         if dx >= dy:                          # step along x, round y (and the other way round)
+            slope = (ye - ys) / dx if dx else 0.0
             us.append(t + xs)
-            vs.append(np.trunc(ys + ((ye - ys) / dx if dx else 0.0) * t + 0.5).astype(np.int64))
+            vs.append(np.trunc(ys + slope * t + 0.5).astype(np.int64))
         else:
             us.append(np.trunc(xs + (xe - xs) / dy * t + 0.5).astype(np.int64))
             vs.append(t + ys)
-    u, v = np.concatenate(us), np.concatenate(vs)
+    u = np.concatenate(us)
+    v = np.concatenate(vs)
     j = np.flatnonzero(u[1:] != u[:-1]) + 1                            # where the traced x changes
     xd = (np.where(u[j] < u[j - 1], u[j], u[j] - 1) + 0.5) / scale - 0.5
     keep = (np.floor(xd) == xd) & (xd >= 0) & (xd <= w - 1)
     yd = np.ceil(np.clip((np.minimum(v[j], v[j - 1]) + 0.5) / scale - 0.5, 0, h))
-    idx = xd[keep].astype(np.int64) * h + yd[keep].astype(np.int64)   # column-major pixels where a run flips
-    flat = np.bincount(idx, minlength=h * w + 1)[:h * w].cumsum() % 2  # crossings hit twice cancel, as in C
+    # column-major pixels where a run flips
+    idx = xd[keep].astype(np.int64) * h + yd[keep].astype(np.int64)
+    # crossings hit twice cancel, as in C
+    flat = np.bincount(idx, minlength=h * w + 1)[:h * w].cumsum() % 2
     return flat.astype(np.uint8).reshape(w, h).T                       # (h, w)
 
 def polygons_to_mask(polygons, h, w, where="polygon"):
-    """COCO polygons [[x0, y0, x1, y1, ...], ...] -> uint8 (h, w) union, as pycocotools; < 6 numbers: skipped."""
+    """COCO polygons [[x0, y0, x1, y1, ...], ...] -> uint8 (h, w) union, as pycocotools; one with
+    < 6 numbers is skipped."""
     mask = np.zeros((h, w), np.uint8)
     for i, poly in enumerate(polygons):
         xy = np.asarray(poly, dtype=np.float64).ravel()
         if xy.size < 6 or xy.size % 2:
-            warnings.warn(f"{where} {i}: {xy.size} numbers; a polygon needs >= 3 (x, y) pairs -- skipped")
+            warnings.warn(f"{where} {i}: {xy.size} numbers; a polygon needs >= 3 (x, y) pairs -- "
+                          f"skipped")
             continue
         mask |= _poly_mask(xy, h, w)
     return mask
 
-# ----------------------------------------------------------------------------- images and palette PNGs
+# ------------------------------------------------------------------------ images and palette PNGs
 def _voc_palette():
-    i, pal = np.arange(256)[:, None], np.zeros((256, 3), np.int64)
+    i = np.arange(256)[:, None]                # (256, 1) palette index
+    pal = np.zeros((256, 3), np.int64)         # (256, 3) r, g, b
     for j in range(8):                         # bits 0, 1, 2 of i >> 3j go to bit 7 - j of r, g, b
         pal |= ((i >> (3 * j + np.arange(3))) & 1) << (7 - j)
     return pal.ravel().tolist()
 
 VOC_PALETTE = _voc_palette()
 
-def _read_image(path, palette=False):
-    """-> uint8 (h, w, 3) RGB frame, or uint8 (h, w) ids of a palette PNG. Bad files are named."""
+def _load_image(path, palette):
+    """-> (uint8 (h, w, 3) RGB frame or uint8 (h, w) mask values, the file's PIL mode)."""
     what = "mask PNG" if palette else "frame image"
+    expected = "palette PNG" if palette else "JPEG/PNG frame"
     try:
         with Image.open(path) as im:
             im.load()
-            if palette and im.mode not in ("P", "L"):
-                raise ValueError(f"{path}: mask is mode {im.mode!r}; expected an 8-bit palette ('P') PNG whose "
-                                 f"pixel values are object ids (re-save it with data.write_palette_png)")
-            return np.array(im if palette else im.convert("RGB"), dtype=np.uint8)
+            if palette and im.mode not in ("P", "L", "1"):
+                raise ValueError(f"{path}: mask is mode {im.mode!r}; expected an 8-bit palette "
+                                 f"('P') PNG whose pixel values are object ids, or a binary mask "
+                                 f"(re-save it with data.write_palette_png)")
+            if palette:
+                return np.array(im, dtype=np.uint8), im.mode
+            return np.array(im.convert("RGB"), dtype=np.uint8), im.mode
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: {what} not found") from None
     except (OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot decode {what} ({e}); expected a complete "
-                         f"{'palette PNG' if palette else 'JPEG/PNG frame'} (re-extract or re-download it)") from None
+        raise ValueError(f"{path}: cannot decode {what} ({e}); expected a complete {expected} "
+                         f"(re-extract or re-download it)") from None
+
+def _read_image(path, palette=False):
+    """-> uint8 (h, w, 3) RGB frame, or uint8 (h, w) values of a mask PNG. Bad files are named."""
+    return _load_image(path, palette)[0]
 
 def read_palette_png(path):
-    """An 8-bit palette ("P") PNG of object ids -> uint8 (h, w). RGB masks are refused (a classic bug)."""
-    return _read_image(path, palette=True)
+    """A mask PNG -> uint8 (h, w) object ids. A palette ("P") PNG's values are the ids (255 = void,
+    dropped by the readers). A binary mask -- mode "1", or a grayscale ("L") PNG with one value
+    besides 0, as DAVIS 2016 and most tools save them (0/255) -- is object 1; a grayscale PNG with
+    more values is read as ids, like a palette one. RGB masks are refused (a classic bug)."""
+    ids, mode = _load_image(path, palette=True)
+    if mode in ("L", "1"):
+        values = np.unique(ids)
+        if np.count_nonzero(values) == 1:
+            return (ids != 0).astype(np.uint8)
+    return ids
+
+def natural_key(path):
+    """Sort key of a file name that compares its numbers as numbers: frame2 before frame10."""
+    parts = re.split(r"(\d+)", Path(path).name)
+    return [int(p) if i % 2 else p for i, p in enumerate(parts)]
 
 def write_palette_png(path, ids):
     ids = np.asarray(ids)
     if ids.ndim != 2 or ids.min(initial=0) < 0 or ids.max(initial=0) > 255:
-        raise ValueError(f"{path}: ids must be one (h, w) array of values 0..255, got shape {ids.shape}")
-    im = Image.frombytes("P", (ids.shape[1], ids.shape[0]), np.ascontiguousarray(ids, np.uint8).tobytes())
+        raise ValueError(f"{path}: ids must be one (h, w) array of values 0..255, got shape "
+                         f"{ids.shape}")
+    pixels = np.ascontiguousarray(ids, np.uint8).tobytes()
+    im = Image.frombytes("P", (ids.shape[1], ids.shape[0]), pixels)
     im.putpalette(VOC_PALETTE)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
@@ -199,107 +272,161 @@ def _hsv(h, s, v):
 
 def _shape(cat, u, v):
     """Inside-test of category `cat` in the object's own frame (radius ~1). u, v: (T, H, W)."""
-    r2, au, av = u * u + v * v, u.abs(), v.abs()
-    return (r2 <= 1 if cat == 0 else                                                         # circle
-            torch.maximum(au, av) <= 0.8 if cat == 1 else                                    # square
-            (v <= 0.5) & (0.866 * u - 0.5 * v <= 0.5) & (-0.866 * u - 0.5 * v <= 0.5) if cat == 2 else  # triangle
-            r2 <= (0.7 + 0.3 * torch.cos(5 * torch.atan2(v, u))) ** 2 if cat == 3 else      # five-pointed star
-            (r2 <= 1) & (r2 >= 0.3) if cat == 4 else                                         # ring with a hole
-            ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95)))                     # cross
+    r2 = u * u + v * v
+    au = u.abs()
+    av = v.abs()
+    if cat == 0:                                                        # circle
+        return r2 <= 1
+    if cat == 1:                                                        # square
+        return torch.maximum(au, av) <= 0.8
+    if cat == 2:                                                        # triangle
+        return (v <= 0.5) & (0.866 * u - 0.5 * v <= 0.5) & (-0.866 * u - 0.5 * v <= 0.5)
+    if cat == 3:                                                        # five-pointed star
+        return r2 <= (0.7 + 0.3 * torch.cos(5 * torch.atan2(v, u))) ** 2
+    if cat == 4:                                                        # ring with a hole
+        return (r2 <= 1) & (r2 >= 0.3)
+    return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))  # cross
+
+def _path(rng, k, T, size, pos, r, ang):
+    """A moving object's path over T frames: (x, y) (T, 2), scale (T,), angle (T,), alive (T,)."""
+    t = np.arange(T)
+    wide = rng.random() < 0.3  # a wide swing: leaves and comes back
+    amp = rng.uniform(*((0.5, 0.7) if wide else (0.02, 0.15)), 2) * size
+    w = rng.uniform(0.15, 0.45)
+    ph = rng.uniform(0, 2 * math.pi, 2)
+    drift = rng.normal(0, 0.01, 2) * size
+    xy = pos + drift * t[:, None] + amp * (np.sin(w * t[:, None] + ph) - np.sin(ph))   # (T, 2)
+    freq = rng.uniform(0.1, 0.3)
+    phase = rng.uniform(0, 2 * math.pi)
+    scale = r * (1 + 0.25 * np.sin(freq * t + phase))                                   # (T,)
+    angle = ang + rng.uniform(-0.12, 0.12) * t                                         # (T,)
+    alive = np.ones(T, bool)
+    if k > 0 and T > 2 and rng.random() < 0.3:
+        alive = t >= rng.integers(1, T // 2 + 1)               # appears mid-video
+    return xy, scale, angle, alive
 
 def _sample_objects(rng, n, T, size, moving):
-    """Per object: category, colour, texture and its path over T frames (x, y, scale, angle, visible)."""
-    hues = (rng.random() + np.arange(n) / n + rng.uniform(-0.04, 0.04, n)) % 1    # well-separated hues
-    t, objs = np.arange(T), []
+    """Per object: category, colour, texture and its path over T frames (x, y, scale, angle,
+    visible)."""
+    # well-separated hues
+    hues = (rng.random() + np.arange(n) / n + rng.uniform(-0.04, 0.04, n)) % 1
+    objs = []
     for k in range(n):
-        o = dict(cat=int(rng.integers(6)), colour=_hsv(hues[k], rng.uniform(0.75, 1), rng.uniform(0.8, 1)),
-                 stripe=(rng.uniform(1.5, 4), rng.uniform(0, math.pi), rng.uniform(0.06, 0.15)))   # freq, dir, amp
-        pos, r, ang = rng.uniform(0.15, 0.85, 2) * size, rng.uniform(0.07, 0.16) * size, rng.uniform(0, 2 * math.pi)
-        xy, scale, angle, alive = np.tile(pos, (T, 1)), np.full(T, r), np.full(T, ang), np.ones(T, bool)
+        cat = int(rng.integers(6))
+        colour = _hsv(hues[k], rng.uniform(0.75, 1), rng.uniform(0.8, 1))
+        # freq, dir, amp
+        stripe = (rng.uniform(1.5, 4), rng.uniform(0, math.pi), rng.uniform(0.06, 0.15))
+        pos = rng.uniform(0.15, 0.85, 2) * size
+        r = rng.uniform(0.07, 0.16) * size
+        ang = rng.uniform(0, 2 * math.pi)
         if moving:
-            wide = rng.random() < 0.3                                   # a wide swing: leaves and comes back
-            amp = rng.uniform(*((0.5, 0.7) if wide else (0.02, 0.15)), 2) * size
-            w, ph = rng.uniform(0.15, 0.45), rng.uniform(0, 2 * math.pi, 2)
-            drift = rng.normal(0, 0.01, 2) * size
-            xy = pos + drift * t[:, None] + amp * (np.sin(w * t[:, None] + ph) - np.sin(ph))   # (T, 2)
-            scale = r * (1 + 0.25 * np.sin(rng.uniform(0.1, 0.3) * t + rng.uniform(0, 2 * math.pi)))
-            angle = ang + rng.uniform(-0.12, 0.12) * t
-            if k > 0 and T > 2 and rng.random() < 0.3:
-                alive = t >= rng.integers(1, T // 2 + 1)               # appears mid-video
-        objs.append(dict(o, xy=xy, scale=scale, angle=angle, alive=alive))
+            xy, scale, angle, alive = _path(rng, k, T, size, pos, r, ang)
+        else:
+            xy = np.tile(pos, (T, 1))
+            scale = np.full(T, r)
+            angle = np.full(T, ang)
+            alive = np.ones(T, bool)
+        objs.append(dict(cat=cat, colour=colour, stripe=stripe, xy=xy, scale=scale, angle=angle,
+                         alive=alive))
     return objs
 
 def _background(rng, T, size, moving):
-    """A muted textured background (T, 3, size, size): smooth blotches + fine grain, panning if moving."""
+    """A muted textured background (T, 3, size, size): smooth blotches + fine grain, panning if
+    moving."""
     pad = size // 8 if moving else 0
     S = size + 2 * pad
-    base = torch.tensor(_hsv(rng.random(), rng.uniform(0, 0.25), rng.uniform(0.3, 0.6)), dtype=torch.float32)
+    base = _hsv(rng.random(), rng.uniform(0, 0.25), rng.uniform(0.3, 0.6))
+    base = torch.tensor(base, dtype=torch.float32)                                            # (3,)
     low = torch.from_numpy(rng.normal(0, 1, (1, 4, 6, 6))).float()
-    low = F.interpolate(low, size=(S, S), mode="bilinear", align_corners=False)[0]              # (4, S, S)
+    low = F.interpolate(low, size=(S, S), mode="bilinear", align_corners=False)[0]  # (4, S, S)
     fine = torch.from_numpy(rng.normal(0, 0.03, (1, 1, S // 2, S // 2))).float()
-    fine = F.interpolate(fine, size=(S, S), mode="nearest")[0]                                # (1, S, S)
-    bg = base[:, None, None] + 0.08 * low[:1] + 0.03 * low[1:] + fine                          # (3, S, S)
+    fine = F.interpolate(fine, size=(S, S), mode="nearest")[0]  # (1, S, S)
+    bg = base[:, None, None] + 0.08 * low[:1] + 0.03 * low[1:] + fine  # (3, S, S)
     if not moving:
-        return bg[None].expand(T, 3, S, S)                                                    # (T, 3, S, S)
+        return bg[None].expand(T, 3, S, S)  # (T, 3, S, S)
     t = np.arange(T)
-    ox, oy = (pad + np.round(0.9 * pad * np.sin(rng.uniform(0.05, 0.2) * t + rng.uniform(0, 6.3))).astype(int)
-              for _ in range(2))
-    return torch.stack([bg[:, y:y + size, x:x + size] for x, y in zip(ox, oy)])               # (T, 3, size, size)
+    offsets = []
+    for _ in range(2):                                                   # x, then y
+        swing = 0.9 * pad * np.sin(rng.uniform(0.05, 0.2) * t + rng.uniform(0, 6.3))
+        offsets.append(pad + np.round(swing).astype(int))               # (T,)
+    ox, oy = offsets
+    # (T, 3, size, size)
+    return torch.stack([bg[:, y:y + size, x:x + size] for x, y in zip(ox, oy)])
 
 def _render(objs, bg):
-    """Paint objects back to front. -> frames (T, 3, S, S) in [0, 1], idmap (T, S, S) long (0 = background)."""
+    """Paint objects back to front. -> frames (T, 3, S, S) in [0, 1], idmap (T, S, S) long (0 =
+    background)."""
     T, _, S, _ = bg.shape
     c = torch.arange(S, dtype=torch.float32) + 0.5
-    ys, xs = c[:, None], c[None, :]                                     # (S, 1), (1, S)
-    img, idmap = bg.clone(), torch.zeros(T, S, S, dtype=torch.long)
+    ys = c[:, None]                                                     # (S, 1)
+    xs = c[None, :]                                                     # (1, S)
+    img = bg.clone()
+    idmap = torch.zeros(T, S, S, dtype=torch.long)
     for k, o in enumerate(objs):
         p = torch.from_numpy(o["xy"]).float()                           # (T, 2)
-        cs, sn, sc = (torch.from_numpy(a).float()[:, None, None]       # (T, 1, 1) each
-                      for a in (np.cos(o["angle"]), np.sin(o["angle"]), o["scale"]))
-        dx, dy = xs - p[:, :1, None], ys - p[:, 1:, None]              # (T, 1, S), (T, S, 1)
-        u, v = (cs * dx + sn * dy) / sc, (cs * dy - sn * dx) / sc      # (T, S, S) object coordinates
-        inside = _shape(o["cat"], u, v) & torch.from_numpy(o["alive"])[:, None, None]     # (T, S, S)
+        cs = torch.from_numpy(np.cos(o["angle"])).float()[:, None, None]   # (T, 1, 1)
+        sn = torch.from_numpy(np.sin(o["angle"])).float()[:, None, None]   # (T, 1, 1)
+        sc = torch.from_numpy(o["scale"]).float()[:, None, None]           # (T, 1, 1)
+        dx = xs - p[:, :1, None]                                        # (T, 1, S)
+        dy = ys - p[:, 1:, None]                                        # (T, S, 1)
+        u = (cs * dx + sn * dy) / sc  # (T, S, S) object coordinates
+        v = (cs * dy - sn * dx) / sc                                    # (T, S, S)
+        inside = _shape(o["cat"], u, v) & torch.from_numpy(o["alive"])[:, None, None]  # (T, S, S)
         f, a, amp = o["stripe"]
-        tex = 1 + amp * torch.sin(math.pi * f * (u * math.cos(a) + v * math.sin(a)))      # stripes ride along
-        col = torch.tensor(o["colour"], dtype=torch.float32)[None, :, None, None] * tex[:, None]   # (T, 3, S, S)
+        # stripes ride along
+        tex = 1 + amp * torch.sin(math.pi * f * (u * math.cos(a) + v * math.sin(a)))
+        # (T, 3, S, S)
+        col = torch.tensor(o["colour"], dtype=torch.float32)[None, :, None, None] * tex[:, None]
         img = torch.where(inside[:, None], col, img)
         idmap[inside] = k + 1
     return img.clamp(0, 1), idmap
 
 def pseudo_video(image, masks, T, size, rng):
-    """Stage 1 (VITA-style): T random zoom / crop / flip / rotation views of image (3, H, W) and masks (N, H, W)
-    -> (T, 3, size, size), (N, T, size, size). One grid per view samples both, so masks stay on their pixels."""
-    z = rng.uniform(0.8, 1.5, T)                                        # zoom (< 1 shows a black border)
+    """Stage 1 (VITA-style): T random zoom / crop / flip / rotation views of image (3, H, W) and
+    masks (N, H, W) -> (T, 3, size, size), (N, T, size, size). One grid per view samples both, so
+    masks stay on their pixels."""
+    z = rng.uniform(0.8, 1.5, T)  # zoom (< 1 shows a black border)
     rot = np.deg2rad(rng.uniform(-12, 12, T))
     flip = np.where(rng.random(T) < 0.5, -1.0, 1.0)
-    tx, ty = rng.uniform(-1, 1, (2, T)) * np.maximum(1 - 1 / z, 0)    # crop offset, stays in the image
-    c, s = np.cos(rot) / z, np.sin(rot) / z
-    theta = np.stack([np.stack([c * flip, -s, tx], -1), np.stack([s * flip, c, ty], -1)], 1)   # (T, 2, 3)
-    grid = F.affine_grid(torch.tensor(theta, dtype=torch.float32), [T, 3, size, size], align_corners=False)
-    frames = F.grid_sample(image[None].expand(T, -1, -1, -1), grid, mode="bilinear", align_corners=False)
-    m = F.grid_sample(masks[None].float().expand(T, -1, -1, -1), grid, mode="nearest", align_corners=False)
+    # crop offset, stays in the image
+    tx, ty = rng.uniform(-1, 1, (2, T)) * np.maximum(1 - 1 / z, 0)
+    c = np.cos(rot) / z
+    s = np.sin(rot) / z
+    # (T, 2, 3)
+    theta = np.stack([np.stack([c * flip, -s, tx], -1), np.stack([s * flip, c, ty], -1)], 1)
+    theta = torch.tensor(theta, dtype=torch.float32)
+    grid = F.affine_grid(theta, [T, 3, size, size], align_corners=False)              # (T, s, s, 2)
+    views = image[None].expand(T, -1, -1, -1)  # (T, 3, H, W)
+    frames = F.grid_sample(views, grid, mode="bilinear", align_corners=False)  # (T, 3, s, s)
+    mask_views = masks[None].float().expand(T, -1, -1, -1)  # (T, N, H, W)
+    m = F.grid_sample(mask_views, grid, mode="nearest", align_corners=False)  # (T, N, s, s)
     return frames.clamp(0, 1), m.transpose(0, 1) > 0.5                  # (T, 3, s, s), (N, T, s, s)
 
 def synthetic_clip(key, stage=2, T=16, size=128, name="synthetic"):
-    """One synthetic clip, a pure function of `key` (a tuple of ints). stage 1: pseudo-video of a still
-    scene; stages 2/3: a moving video. Objects never visible (or < 8 pixels in the still) are dropped."""
+    """One synthetic clip, a pure function of `key` (a tuple of ints). stage 1: pseudo-video of a
+    still scene; stages 2/3: a moving video. Objects never visible (or < 8 pixels in the still) are
+    dropped."""
     rng = np.random.default_rng(list(key))
     n = int(rng.integers(1, 6))
     still = stage == 1
-    objs = _sample_objects(rng, n, 1 if still else T, size, moving=not still)
-    frames, idmap = _render(objs, _background(rng, 1 if still else T, size, moving=not still))
+    T_scene = 1 if still else T
+    objs = _sample_objects(rng, n, T_scene, size, moving=not still)
+    frames, idmap = _render(objs, _background(rng, T_scene, size, moving=not still))
     ids = torch.arange(1, n + 1)
     masks = idmap[None] == ids[:, None, None, None]                     # (n, T', S, S)
     if still:
-        masks = masks[:, 0] & (masks[:, 0].flatten(1).sum(1) >= 8)[:, None, None]   # (n, S, S)
+        big = masks[:, 0].flatten(1).sum(1) >= 8                        # (n,)
+        masks = masks[:, 0] & big[:, None, None]                        # (n, S, S)
         frames, masks = pseudo_video(frames[0], masks, T, size, rng)
     keep = masks.flatten(1).any(1)
     labels = torch.tensor([o["cat"] for o in objs], dtype=torch.long)
-    return Clip(frames.contiguous(), masks[keep].contiguous(), labels[keep], ids[keep].tolist(), "synthetic", name)
+    return Clip(frames.contiguous(), masks[keep].contiguous(), labels[keep], ids[keep].tolist(),
+                "synthetic", name)
 
-# ----------------------------------------------------------------------------- real datasets from disk
-# A video on disk: name, dataset, frames (image paths in order), load(t, h, w) -> {object id: bool (h, w)
-# mask} of frame t (h, w = the frame's size), labels {object id: category index in [0, K)}, missing = -1.
+# ------------------------------------------------------------------------ real datasets from disk
+# A video on disk: name, dataset, frames (image paths in order), load(t, h, w) -> {object id: bool
+# (h, w) mask} of frame t (h, w = the frame's size), labels {object id: category index in [0, K)},
+# missing = -1.
 _Video = namedtuple("_Video", "name dataset frames load labels")
 
 def _load_json(path):
@@ -311,103 +438,188 @@ def _load_json(path):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 def _png_ann(pngs, t, h, w, known=None, meta=None):
-    """Ids of palette PNG `pngs[t]` (255 = void -> background). No PNG -> no annotation ({})."""
-    if not (p := pngs[t]).is_file():
+    """Ids of mask PNG `pngs[t]` (255 = void -> background; a binary mask is object 1, see
+    read_palette_png). No PNG -> no annotation ({})."""
+    p = pngs[t]
+    if not p.is_file():
         return {}
     ids = read_palette_png(p)
     if ids.shape != (h, w):
-        raise ValueError(f"{p}: mask is {ids.shape[1]}x{ids.shape[0]} (w x h) but its frame is {w}x{h}; "
-                         f"a mask must have its frame's size")
+        raise ValueError(f"{p}: mask is {ids.shape[1]}x{ids.shape[0]} (w x h) but its frame is "
+                         f"{w}x{h}; a mask must have its frame's size")
     ids = np.where(ids == 255, 0, ids)
     ks = [int(k) for k in np.unique(ids) if k]
-    for k in ks if known is not None else []:
-        if k not in known:
-            raise ValueError(f"{p}: object id {k} in frame {t} is not listed in {meta} for this video "
-                             f"(objects: {sorted(known)}); add it to meta.json or fix the mask")
+    if known is not None:
+        for k in ks:
+            if k not in known:
+                raise ValueError(f"{p}: object id {k} in frame {t} is not listed in {meta} for "
+                                 f"this video (objects: {sorted(known)}); add it to meta.json or "
+                                 f"fix the mask")
     return {k: ids == k for k in ks}
 
-def _png_videos(root, dataset, train):
-    """DAVIS 2017 / MOSE: JPEGImages[/480p]/<seq>/*.jpg, Annotations[/480p]/<seq>/*.png, ImageSets/2017/*.txt.
-    YouTube-VOS: [train|valid/]{JPEGImages,Annotations}/<vid>/, meta.json; validation is sparse: a PNG holds
-    the objects that first appear there, 0 = unknown (absent here)."""
-    meta_p, meta, sub = None, None, root / ("train" if train else "valid")
-    if dataset == "ytvos":
-        root, meta_p = (sub, sub / "meta.json") if sub.is_dir() else (root, root / "meta.json")
-        meta = _load_json(meta_p).get("videos", {})
-    res = "480p" if (root / "JPEGImages" / "480p").is_dir() else ""                  # DAVIS keeps a resolution level
-    jroot, aroot = root / "JPEGImages" / res, root / "Annotations" / res
-    if not jroot.is_dir():
-        raise FileNotFoundError(f"{jroot}: not found; expected the {dataset} layout JPEGImages[/480p]/<video>/*.jpg")
+def _png_layout(root, dataset, train):
+    """-> (root, meta.json path, its "videos") of a DAVIS / MOSE (no meta) or YouTube-VOS folder."""
+    if dataset != "ytvos":
+        return root, None, None
+    sub = root / ("train" if train else "valid")
+    if sub.is_dir():
+        root = sub
+    meta_p = root / "meta.json"
+    return root, meta_p, _load_json(meta_p).get("videos", {})
+
+def _png_video_names(root, jroot, meta, train):
+    """YouTube-VOS: meta.json's videos; DAVIS / MOSE: ImageSets/2017/<split>.txt, else all
+    folders."""
+    if meta is not None:
+        return sorted(meta)
     split = root / "ImageSets" / "2017" / ("train.txt" if train else "val.txt")
-    names = (sorted(meta) if meta is not None else split.read_text().split() if split.is_file()
-             else sorted(p.name for p in jroot.iterdir() if p.is_dir()))
+    if split.is_file():
+        return split.read_text().split()
+    return sorted(p.name for p in jroot.iterdir() if p.is_dir())
+
+def _check_png_masks(name, frames, pngs, listed, train, meta_p):
+    """The masks a split must have: DAVIS/MOSE every frame's (eval: the first), YouTube-VOS train:
+    the frames meta.json lists."""
+    for f, p in zip(frames, pngs):
+        if listed is not None:
+            need = f.stem in listed and train
+        else:
+            need = train or p == pngs[0]
+        if need and not p.is_file():
+            which = f"this frame (listed in {meta_p})" if listed is not None else "every frame"
+            raise FileNotFoundError(f"{name}: frame {f.name} has no mask {p}; expected a palette "
+                                    f"PNG for {which}")
+
+def _png_videos(root, dataset, train):
+    """DAVIS 2017 / MOSE: JPEGImages[/480p]/<seq>/*.jpg, Annotations[/480p]/<seq>/*.png,
+    ImageSets/2017/*.txt. YouTube-VOS: [train|valid/]{JPEGImages,Annotations}/<vid>/, meta.json;
+    validation is sparse: a PNG holds the objects that first appear there, 0 = unknown (absent
+    here)."""
+    root, meta_p, meta = _png_layout(root, dataset, train)
+    # DAVIS keeps a resolution level
+    res = "480p" if (root / "JPEGImages" / "480p").is_dir() else ""
+    jroot = root / "JPEGImages" / res
+    aroot = root / "Annotations" / res
+    if not jroot.is_dir():
+        raise FileNotFoundError(f"{jroot}: not found; expected the {dataset} layout "
+                                f"JPEGImages[/480p]/<video>/*.jpg")
+    if not aroot.is_dir():
+        raise FileNotFoundError(f"{aroot}: not found; expected the {dataset} layout "
+                                f"Annotations[/480p]/<video>/*.png beside {jroot}")
     videos = []
-    for name in names:
-        frames = sorted((jroot / name).glob("*.jpg"))
+    for name in _png_video_names(root, jroot, meta, train):
+        frames = sorted((jroot / name).glob("*.jpg"), key=natural_key)
         if not frames:
             raise FileNotFoundError(f"{jroot / name}: no .jpg frames for video {name!r}")
         pngs = [aroot / name / (f.stem + ".png") for f in frames]
-        objs = meta[name].get("objects", {}) if meta is not None else None
-        listed = {fr for o in objs.values() for fr in o.get("frames", [])} if objs is not None else None
-        for f, p in zip(frames, pngs):   # DAVIS/MOSE: every mask (eval: the first); YouTube-VOS train: listed ones
-            need = (f.stem in listed and train) if listed is not None else (train or p == pngs[0])
-            if need and not p.is_file():
-                raise FileNotFoundError(f"{name}: frame {f.name} has no mask {p}; expected a palette PNG for "
-                                        f"{'this frame (listed in ' + str(meta_p) + ')' if meta else 'every frame'}")
-        known = {int(k) for k in objs} if objs is not None else None
-        load = (lambda t, h, w, pngs=pngs, known=known: _png_ann(pngs, t, h, w, known, meta_p))
+        known = None
+        listed = None
+        if meta is not None:
+            objs = meta[name].get("objects", {})
+            known = {int(k) for k in objs}
+            listed = {fr for o in objs.values() for fr in o.get("frames", [])}
+        _check_png_masks(name, frames, pngs, listed, train, meta_p)
+        load = functools.partial(_png_ann, pngs, known=known, meta=meta_p)   # load(t, h, w)
         videos.append(_Video(name, dataset, frames, load, {}))
     return videos
 
+def _check_polygons(polygons):
+    """Polygons of which none has 3 points are an error (one bad among good ones: a warning)."""
+    sizes = [np.asarray(poly, dtype=np.float64).size for poly in polygons]
+    good = [n for n in sizes if n >= 6 and n % 2 == 0]
+    if sizes and not good:
+        raise ValueError(f"no polygon has >= 3 (x, y) pairs (numbers per polygon: {sizes}); fix "
+                         f"or drop this annotation")
+
 def _seg_mask(seg, h, w, where):
-    """A COCO / YouTube-VIS segmentation (polygons, uncompressed or compressed RLE) -> bool (h, w)."""
+    """A COCO / YouTube-VIS segmentation (polygons, uncompressed or compressed RLE) -> bool
+    (h, w)."""
     try:
         if isinstance(seg, list):
+            _check_polygons(seg)
             return polygons_to_mask(seg, h, w, where=f"{where}: polygon") > 0
         if isinstance(seg, dict) and "counts" in seg:
             if [int(v) for v in seg.get("size", (h, w))] != [h, w]:
                 raise ValueError(f"RLE size {seg['size']} differs from the image size [{h}, {w}]")
             return rle_decode(seg) > 0
-        raise ValueError(f"unsupported segmentation {type(seg).__name__}; expected polygons or an RLE dict")
+        raise ValueError(f"unsupported segmentation {type(seg).__name__}; expected polygons or an "
+                         f"RLE dict")
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
+_JSON_KEYS = {"coco": {"images": "id file_name height width",
+                       "annotations": "id image_id category_id segmentation"},
+              "video": {"videos": "id file_names height width",
+                        "annotations": "id video_id category_id segmentations"},
+              "both": {"categories": "id"}}
+
+def _check_json_keys(d, path, coco):
+    """Every entry of the JSON's lists is a dict with the keys the reader uses."""
+    need = {**_JSON_KEYS["coco" if coco else "video"], **_JSON_KEYS["both"]}
+    for part, keys in need.items():
+        for i, x in enumerate(d.get(part, [])):
+            miss = [k for k in keys.split() if not isinstance(x, dict) or k not in x]
+            if miss:
+                raise ValueError(f"{path}: {part}[{i}] has no {miss}; each entry of {part!r} needs "
+                                 f"{keys.split()}")
+
+def _json_ann(path, v, anns, coco, t, h, w):
+    """{annotation id: bool (h, w) mask} of frame t of video (or image) v, absent objects left
+    out."""
+    kind = "image" if coco else "video"
+    where = f"{path}: {kind} {v['id']} frame {t} ({v['file_names'][t]})"
+    if (v["height"], v["width"]) != (h, w):
+        raise ValueError(f"{where}: the JSON says {v['width']}x{v['height']} (w x h), the image is "
+                         f"{w}x{h}")
+    out = {}
+    for a in anns:
+        seg = a["segmentations"][t]
+        if seg is None:
+            continue
+        mask = _seg_mask(seg, h, w, f"{where} annotation {a['id']}")
+        if mask.any():
+            out[a["id"]] = mask
+    return out
+
 def _json_videos(path, imgdir, dataset):
-    """YouTube-VIS 2019/2021, OVIS (per-frame segmentations, null = absent), COCO (an image = a one-frame video,
-    made a pseudo-video by _read_clip). Crowd annotations are dropped."""
-    d, coco = _load_json(path), dataset == "coco"
-    need = {"images": "id file_name height width", "annotations": "id image_id category_id segmentation"} if coco \
-        else {"videos": "id file_names height width", "annotations": "id video_id category_id segmentations"}
-    for part, i, x in ((p, i, x) for p in need for i, x in enumerate(d.get(p, []))):
-        if miss := [k for k in need[part].split() if not isinstance(x, dict) or k not in x]:
-            raise ValueError(f"{path}: {part}[{i}] has no {miss}; each entry of {part!r} needs {need[part].split()}")
-    cats = {c: i for i, c in enumerate(sorted(c["id"] for c in d.get("categories", [])))}   # id -> [0, K)
+    """YouTube-VIS 2019/2021, OVIS (per-frame segmentations, null = absent), COCO (an image = a
+    one-frame video, made a pseudo-video by _read_clip). Crowd annotations are dropped."""
+    d = _load_json(path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'videos' (or 'images'), "
+                         f"'annotations' and 'categories', got a {type(d).__name__}")
+    coco = dataset == "coco"
+    _check_json_keys(d, path, coco)
+    # id -> [0, K)
+    cats = {c: i for i, c in enumerate(sorted(c["id"] for c in d.get("categories", [])))}
     if coco:   # the same shape as YouTube-VIS: images -> videos of one frame
         d["videos"] = [dict(im, file_names=[im["file_name"]]) for im in d.get("images", [])]
         d["annotations"] = [dict(a, video_id=a["image_id"], segmentations=[a["segmentation"]])
                             for a in d.get("annotations", [])]
-    by_video, videos = {}, []
+    by_video = {}
     for a in d.get("annotations", []):
         if a.get("category_id") not in cats:
-            raise ValueError(f"{path}: annotation {a.get('id')} has category {a.get('category_id')}, "
-                             f"which is not in 'categories' ({sorted(cats)})")
+            raise ValueError(f"{path}: annotation {a.get('id')} has category "
+                             f"{a.get('category_id')}, which is not in 'categories' "
+                             f"({sorted(cats)})")
         if not a.get("iscrowd", 0):
             by_video.setdefault(a["video_id"], []).append(a)
+    videos = []
     for v in d.get("videos", []):
-        anns, L = by_video.get(v["id"], []), len(v["file_names"])
+        anns = by_video.get(v["id"], [])
+        L = len(v["file_names"])
         for a in anns:
+            if not isinstance(a["segmentations"], list):
+                raise ValueError(f"{path}: annotation {a['id']} of video {v['id']} has "
+                                 f"'segmentations': {json.dumps(a['segmentations'])}; expected a "
+                                 f"list with one segmentation (or null) per frame")
             if len(a["segmentations"]) != L:
-                raise ValueError(f"{path}: annotation {a['id']} of video {v['id']} has {len(a['segmentations'])} "
-                                 f"segmentations but the video has {L} frames; expected one (or null) per frame")
+                raise ValueError(f"{path}: annotation {a['id']} of video {v['id']} has "
+                                 f"{len(a['segmentations'])} segmentations but the video has {L} "
+                                 f"frames; expected one (or null) per frame")
         if coco and not anns:
             continue
-        def load(t, h, w, v=v, anns=anns):
-            where = f"{path}: {'image' if coco else 'video'} {v['id']} frame {t} ({v['file_names'][t]})"
-            if (v["height"], v["width"]) != (h, w):
-                raise ValueError(f"{where}: the JSON says {v['width']}x{v['height']} (w x h), the image is {w}x{h}")
-            out = {a["id"]: _seg_mask(a["segmentations"][t], h, w, f"{where} annotation {a['id']}")
-                   for a in anns if a["segmentations"][t] is not None}
-            return {k: m for k, m in out.items() if m.any()}
+        load = functools.partial(_json_ann, path, v, anns, coco)       # load(t, h, w)
         name = Path(v["file_name"]).stem if coco else str(v["id"])
         labels = {a["id"]: cats[a["category_id"]] for a in anns}
         videos.append(_Video(name, dataset, [imgdir / f for f in v["file_names"]], load, labels))
@@ -422,44 +634,60 @@ def _open(spec, train):
     if kind in ("coco", "ytvis19", "ytvis21", "ovis"):
         js, _, img = rest.partition(":")
         if not js or not img:
-            raise ValueError(f"spec {spec!r}: expected {kind}:JSON:IMGDIR (annotation file, image folder)")
+            raise ValueError(f"spec {spec!r}: expected {kind}:JSON:IMGDIR (annotation file, image "
+                             f"folder)")
         return _json_videos(Path(js), Path(img), kind)
     raise ValueError(f"unknown dataset spec {spec!r}; expected synthetic, davis|mose|ytvos:DIR or "
                      f"coco|ytvis19|ytvis21|ovis:JSON:IMGDIR")
 
-def _read_clip(video, ts, size, T=None, rng=None):
-    """Frames `ts` of `video` as a Clip; with rng and one frame: a T-frame pseudo-video (stage 1)."""
-    imgs, anns = [], []
+def _read_frames(video, ts):
+    """Frames ts of video as uint8 (h, w, 3) arrays and their annotations {id: bool (h, w)}."""
+    imgs = []
+    anns = []
     for t in ts:
         img = _read_image(video.frames[t])
         if imgs and img.shape != imgs[0].shape:
-            raise ValueError(f"{video.frames[t]}: frame is {img.shape[:2]} (h, w), frame 0 is {imgs[0].shape[:2]}")
+            raise ValueError(f"{video.frames[t]}: frame is {img.shape[:2]} (h, w), frame 0 is "
+                             f"{imgs[0].shape[:2]}")
         imgs.append(img)
         anns.append(video.load(t, img.shape[0], img.shape[1]))
+    return imgs, anns
+
+def _read_clip(video, ts, size, T=None, rng=None):
+    """Frames `ts` of `video` as a Clip; with rng and one frame: a T-frame pseudo-video (stage
+    1)."""
+    imgs, anns = _read_frames(video, ts)
     ids = sorted(set().union(*anns))
     frames = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255    # (T', 3, h, w)
     none = np.zeros(imgs[0].shape[:2], bool)
-    masks = torch.from_numpy(np.array([[a.get(k, none) for a in anns] for k in ids], bool))       # (N, T', h, w)
-    masks = masks.reshape(len(ids), len(ts), *none.shape).float()                                  # (N, T', h, w)
-    # EXERCISE: keep the aspect ratio (resize the long side, pad) as the paper does; done: a 2:1 fixture stays 2:1.
-    frames = F.interpolate(frames, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)  # (T', 3, s, s)
-    masks = F.interpolate(masks, size=(size, size), mode="nearest-exact") > 0.5                   # (N, T', s, s)
+    masks = np.array([[a.get(k, none) for a in anns] for k in ids], bool)          # (N, T', h, w)
+    masks = torch.from_numpy(masks).reshape(len(ids), len(ts), *none.shape).float()  # (N, T', h, w)
+    # EXERCISE: keep the aspect ratio (resize the long side, pad) as the paper does; done: a 2:1
+    # fixture stays 2:1.
+    frames = F.interpolate(frames, size=(size, size), mode="bilinear", antialias=True)
+    frames = frames.clamp(0, 1)                                                     # (T', 3, s, s)
+    masks = F.interpolate(masks, size=(size, size), mode="nearest-exact") > 0.5     # (N, T', s, s)
     if rng is not None and len(ts) == 1:
-        frames, masks = pseudo_video(frames[0], masks[:, 0], T, size, rng)       # (T, 3, s, s), (N, T, s, s)
-    keep = masks.flatten(1).any(1)
+        # (T, 3, s, s), (N, T, s, s)
+        frames, masks = pseudo_video(frames[0], masks[:, 0], T, size, rng)
+    keep = masks.flatten(1).any(1)                                                 # (N,)
     labels = torch.tensor([video.labels.get(k, -1) for k in ids], dtype=torch.long)
-    return Clip(frames.contiguous(), masks[keep].contiguous(), labels[keep], [k for k, m in zip(ids, keep) if m],
+    kept_ids = [k for k, m in zip(ids, keep) if m]
+    return Clip(frames.contiguous(), masks[keep].contiguous(), labels[keep], kept_ids,
                 video.dataset, video.name)
 
 def _sample_clip(video, T, size, rng, stage, max_stride=3):
-    """T frames in order with a random stride in [1, max_stride]; stage 1 or a still: one frame, T views."""
+    """T frames in order with a random stride in [1, max_stride]; stage 1 or a still: one frame, T
+    views."""
     L = len(video.frames)
     if stage == 1 or L == 1:
         return _read_clip(video, [int(rng.integers(L))], size, T, rng)
     if L < T:
-        ts = np.linspace(0, L - 1, T).round().astype(int).tolist()     # short video: repeat frames in order
+        # short video: repeat frames in order
+        ts = np.linspace(0, L - 1, T).round().astype(int).tolist()
     else:
-        stride = int(rng.integers(1, max(1, min(max_stride, (L - 1) // max(T - 1, 1))) + 1))
+        longest = min(max_stride, (L - 1) // max(T - 1, 1))
+        stride = int(rng.integers(1, max(1, longest) + 1))
         start = int(rng.integers(0, L - (T - 1) * stride))
         ts = list(range(start, start + (T - 1) * stride + 1, stride))
     return _read_clip(video, ts, size)
@@ -467,83 +695,130 @@ def _sample_clip(video, T, size, rng, stage, max_stride=3):
 # ----------------------------------------------------------------------------- the two entry points
 def train_stream(spec="synthetic", stage=1, T=3, size=128, seed=0, rank=0, world=1):
     """Endless Iterator[Clip]. stage 1: pseudo-videos from stills; stages 2/3: video clips.
-    Rank r of `world` sees a disjoint shard (synthetic: clip numbers r, r + world, ...; real: videos r::world)."""
+    Rank r of `world` sees a disjoint shard (synthetic: clip numbers r, r + world, ...; real: videos
+    r::world)."""
     if spec == "synthetic":
         for i in itertools.count():
             j = i * world + rank
-            yield synthetic_clip((_TRAIN, seed, stage, j), stage, T, size, f"synthetic-train-s{seed}-{stage}-{j:07d}")
+            name = f"synthetic-train-s{seed}-{stage}-{j:07d}"
+            yield synthetic_clip((_TRAIN, seed, stage, j), stage, T, size, name)
     videos = _open(spec, train=True)[rank::world]
     if not videos:
-        raise ValueError(f"{spec}: no annotated videos for rank {rank} of {world}; check the path and split")
-    rng, misses = np.random.default_rng([_TRAIN, seed, rank]), 0
+        raise ValueError(f"{spec}: no annotated videos for rank {rank} of {world}; check the path "
+                         f"and split")
+    rng = np.random.default_rng([_TRAIN, seed, rank])
+    misses = 0
     while misses < 100:
         clip = _sample_clip(videos[int(rng.integers(len(videos)))], T, size, rng, stage)
-        misses = misses + 1 if clip.masks.shape[0] == 0 else 0
-        if not misses:
-            yield clip
+        if clip.masks.shape[0] == 0:
+            misses += 1
+            continue
+        misses = 0
+        yield clip
     raise ValueError(f"{spec}: 100 clips in a row without any object; are the masks empty?")
 
 def heldout(spec="synthetic", n=8, T=16, size=128):
-    """The fixed evaluation set: n clips of T frames (T=None: whole videos). Synthetic: moving videos whose seeds
-    start with a word training never uses; real data: the validation split's first n videos from frame 0."""
+    """The fixed evaluation set: n clips of T frames (T=None: whole videos). Synthetic: moving
+    videos whose seeds start with a word training never uses; real data: the validation split's
+    first n videos from frame 0."""
     if spec == "synthetic":
-        return [synthetic_clip((_HELDOUT, i), 2, T or 16, size, f"synthetic-val-{i:03d}") for i in range(n)]
-    return [_read_clip(v, list(range(min(T or len(v.frames), len(v.frames)))), size, T or 1,
-                       np.random.default_rng([_HELDOUT, i]) if len(v.frames) == 1 else None)  # a still: fixed views
-            for i, v in enumerate(_open(spec, train=False)[:n])]
+        names = [f"synthetic-val-{i:03d}" for i in range(n)]
+        return [synthetic_clip((_HELDOUT, i), 2, T or 16, size, names[i]) for i in range(n)]
+    clips = []
+    for i, v in enumerate(_open(spec, train=False)[:n]):
+        L = len(v.frames)
+        ts = list(range(min(T or L, L)))
+        rng = np.random.default_rng([_HELDOUT, i]) if L == 1 else None     # a still: fixed views
+        clips.append(_read_clip(v, ts, size, T or 1, rng))
+    return clips
 
-# ----------------------------------------------------------------------------- writing the synthetic set to disk
+# ------------------------------------------------------------------------ writing the synthetic set
+def _write_frames(fmt, root, imgdir, c, names, size):
+    """A clip's frames as JPEGs and (DAVIS) its masks as palette PNGs."""
+    T = len(names)
+    ids = np.zeros((T, size, size), np.uint8)                                           # (T, H, W)
+    for i, k in enumerate(c.ids):
+        ids[c.masks[i].numpy()] = k
+    for t, f in enumerate(names):
+        (imgdir / f).parent.mkdir(parents=True, exist_ok=True)
+        rgb = (c.frames[t].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)     # (H, W, 3)
+        Image.fromarray(rgb).save(imgdir / f, quality=95)
+        if fmt == "davis":
+            write_palette_png(root / "Annotations/480p" / c.name / f"{t:05d}.png", ids[t])
+
+def _json_annotation(fmt, ann_id, video_id, c, i):
+    """Instance i of clip c as a COCO (first frame) or YouTube-VIS annotation, compressed RLEs."""
+    seg = []
+    area = []
+    box = []
+    for x in c.masks[i].numpy():  # (H, W) a frame
+        seg.append(rle_encode(x) if x.any() else None)
+        area.append(int(x.sum()) if x.any() else None)
+        box.append(mask_to_bbox(x) if x.any() else None)
+    a = {"id": ann_id, "category_id": int(c.labels[i]) + 1, "iscrowd": 0}
+    if fmt == "coco":
+        return dict(a, image_id=video_id, segmentation=seg[0], area=area[0], bbox=box[0])
+    return dict(a, video_id=video_id, segmentations=seg, areas=area, bboxes=box)
+
 def write_synthetic(fmt, root, num_videos=8, T=16, size=128, split="val", seed=0):
-    """Write synthetic clips as DAVIS ("davis"), YouTube-VIS ("ytvis") or COCO ("coco") files under root."""
-    root, T = Path(root), 1 if fmt == "coco" else T
-    clips = (heldout("synthetic", num_videos, T, size) if split == "val" else
-             list(itertools.islice(train_stream("synthetic", 2, T, size, seed), num_videos)))
+    """Write synthetic clips as DAVIS ("davis"), YouTube-VIS ("ytvis") or COCO ("coco") files under
+    root."""
+    root = Path(root)
+    if fmt == "coco":
+        T = 1
+    if split == "val":
+        clips = heldout("synthetic", num_videos, T, size)
+    else:
+        clips = list(itertools.islice(train_stream("synthetic", 2, T, size, seed), num_videos))
     imgdir = root / {"coco": "images", "davis": "JPEGImages/480p", "ytvis": "JPEGImages"}[fmt]
-    videos, anns = [], []
+    videos = []
+    anns = []
     for v, c in enumerate(clips, 1):
-        names = [f"{c.name}.jpg"] if fmt == "coco" else [f"{c.name}/{t:05d}.jpg" for t in range(T)]
-        ids = np.zeros((T, size, size), np.uint8)                                           # (T, H, W)
-        for i, k in enumerate(c.ids):
-            ids[c.masks[i].numpy()] = k
-        for t, f in enumerate(names):
-            (imgdir / f).parent.mkdir(parents=True, exist_ok=True)
-            rgb = (c.frames[t].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)     # (H, W, 3)
-            Image.fromarray(rgb).save(imgdir / f, quality=95)
-            if fmt == "davis":
-                write_palette_png(root / "Annotations/480p" / c.name / f"{t:05d}.png", ids[t])
-        more = {"file_name": names[0]} if fmt == "coco" else {"length": T, "file_names": names}
+        if fmt == "coco":
+            names = [f"{c.name}.jpg"]
+            more = {"file_name": names[0]}
+        else:
+            names = [f"{c.name}/{t:05d}.jpg" for t in range(T)]
+            more = {"length": T, "file_names": names}
+        _write_frames(fmt, root, imgdir, c, names, size)
         videos.append({"id": v, "width": size, "height": size, **more})
         for i in range(len(c.ids)):
-            m = [x if x.any() else None for x in c.masks[i].numpy()]                        # T x (H, W)
-            seg, area = [x if x is None else rle_encode(x) for x in m], [x if x is None else int(x.sum()) for x in m]
-            box = [x if x is None else mask_to_bbox(x) for x in m]
-            a = {"id": len(anns) + 1, "category_id": int(c.labels[i]) + 1, "iscrowd": 0}
-            anns.append(dict(a, image_id=v, segmentation=seg[0], area=area[0], bbox=box[0]) if fmt == "coco" else
-                        dict(a, video_id=v, segmentations=seg, areas=area, bboxes=box))
+            anns.append(_json_annotation(fmt, len(anns) + 1, v, c, i))
     if fmt == "davis":
         (root / "ImageSets/2017").mkdir(parents=True, exist_ok=True)
         (root / "ImageSets/2017" / f"{split}.txt").write_text("".join(c.name + "\n" for c in clips))
     else:
         cats = [{"id": k + 1, "name": n} for k, n in enumerate(SYNTHETIC_CATEGORIES)]
-        (root / "instances.json").write_text(json.dumps(
-            {"images" if fmt == "coco" else "videos": videos, "annotations": anns, "categories": cats}))
+        listing = "images" if fmt == "coco" else "videos"
+        content = {listing: videos, "annotations": anns, "categories": cats}
+        (root / "instances.json").write_text(json.dumps(content))
     return clips
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Write the synthetic AUSM data in a real benchmark format. Read it "
-                                 "back as davis:DIR, ytvis19:DIR/instances.json:DIR/JPEGImages or "
+def _cli():
+    ap = argparse.ArgumentParser(description="Write the synthetic AUSM data in a real benchmark "
+                                 "format. Read it back as davis:DIR, "
+                                 "ytvis19:DIR/instances.json:DIR/JPEGImages or "
                                  "coco:DIR/instances.json:DIR/images")
-    ap.add_argument("--write", required=True, metavar="FORMAT:DIR", help="davis:DIR (JPEGs, palette PNGs, ImageSets), "
-                    "ytvis:DIR or coco:DIR (JPEGs, instances.json with compressed RLE; coco: single images)")
-    ap.add_argument("--num-videos", type=int, default=8, help="how many videos (coco: images) to write")
-    ap.add_argument("--frames", type=int, default=16, help="frames per video (coco writes single images)")
+    ap.add_argument("--write", required=True, metavar="FORMAT:DIR",
+                    help="davis:DIR (JPEGs, palette PNGs, ImageSets), ytvis:DIR or coco:DIR "
+                    "(JPEGs, instances.json with compressed RLE; coco: single images)")
+    ap.add_argument("--num-videos", type=int, default=8,
+                    help="how many videos (coco: images) to write")
+    ap.add_argument("--frames", type=int, default=16,
+                    help="frames per video (coco writes single images)")
     ap.add_argument("--size", type=int, default=128, help="square frame side in pixels")
     ap.add_argument("--split", choices=["val", "train"], default="val",
-                    help="val: the fixed held-out set (= heldout()); train: clips of the training stream")
+                    help="val: the fixed held-out set (= heldout()); train: clips of the training "
+                    "stream")
     ap.add_argument("--seed", type=int, default=0, help="training-stream seed (with --split train)")
     args = ap.parse_args()
     fmt, _, out = args.write.partition(":")
     if fmt not in ("davis", "ytvis", "coco") or not out:
         ap.error(f"--write {args.write!r}: expected davis:DIR, ytvis:DIR or coco:DIR")
-    clips = write_synthetic(fmt, out, args.num_videos, args.frames, args.size, args.split, args.seed)
-    print(f"wrote {len(clips)} {fmt} {'images' if fmt == 'coco' else 'videos'} to {out}")
+    clips = write_synthetic(fmt, out, args.num_videos, args.frames, args.size, args.split,
+                            args.seed)
+    what = "images" if fmt == "coco" else "videos"
+    print(f"wrote {len(clips)} {fmt} {what} to {out}")
+
+if __name__ == "__main__":
+    _cli()

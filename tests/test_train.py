@@ -404,7 +404,7 @@ def test_torchrun_cli_two_processes(tmp_path):
 
 
 def test_stage2_without_a_stage1_checkpoint_says_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="stage 1"):
+    with pytest.raises(SystemExit, match="error: checkpoint .*nope.pt not found.*stage 1"):
         train.main(["--stage", "2", "--init", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
 
 
