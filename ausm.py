@@ -480,8 +480,8 @@ class State:
     which is allocation order: A_{t-1} = AUSM.B[ids[alloc]], and M_{t-1} = M[alloc]. Slots with
     alloc False are spare capacity, not part of A_{t-1}: AUSM.step zeroes their masks before the
     History Marker and hides their queries from the Pixel Decoder's self-attention. The caller
-    writes alloc and M between steps: Alg. 1 l.15-19 (infer.Segmenter; train.py's iterative
-    trainer), and a prompted A_0 / M_0 before the first step.
+    writes alloc and M between steps: infer.Segmenter does Alg. 1 l.15-19 (and writes a prompted
+    A_0 / M_0 before the first step); train.py's iterative trainer writes the teacher-forced ones.
     """
     conv: list             # per compressor layer: (b*P, di, k) Mamba conv state
     ssm: list              # per compressor layer: (b*P, di, ds) float32 SSM state
