@@ -272,3 +272,50 @@ def test_forward_backward_every_parameter_gets_gradient():
     out, state = model.step(frames[:, 0], state)
     out["fg"].sum().backward()
     assert model.X_0.grad is not None and model.X_0.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------- the one-frame shift (Alg. 1 l.11)
+def compressor_outputs(model, frames, ids, history, tracked, recurrent):
+    """F_1..F_T (b, T, P, D), the History Compressor's outputs, caught by a forward hook on its final
+    LayerNorm, which HistoryCompressor.forward (parallel form) and .step (recurrent form) both call."""
+    caught = []
+
+    def catch(module, inputs, output):
+        caught.append(output)
+    handle = model.compressor.norm.register_forward_hook(catch)
+    try:
+        if not recurrent:
+            model(frames, ids, history, tracked)
+            return caught[0]  # (b, T, P, D)
+        b, T, N, H = history.shape[:4]
+        state = model.init_state(b, N, H, H, ids=ids)
+        for t in range(T):
+            state.alloc.copy_(tracked[:, t])
+            state.M.copy_(history[:, t])
+            _, state = model.step(frames[:, t], state)
+        return torch.stack(caught, 1)  # T x (b, P, D) -> (b, T, P, D)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_compressor_sees_the_previous_frame_not_the_current(recurrent):
+    """E_t = X_{t-1} + S_t: F_t, the History Compressor's output at step t, does not change when
+    frame t changes, and does when frame t-1 changes. Causality alone cannot tell: E_t = X_t + S_t
+    is causal too, and both forms would still agree with each other."""
+    torch.manual_seed(0)
+    model = AUSM(small_cfg()).eval()
+    frames, ids, history, tracked = make_inputs(2, 4, 3, 32)
+    t = 2  # 0-based: F[:, t] comes from frames 0..t-1 and the history before frame t
+    frame_t_changed = frames.clone()
+    frame_t_changed[:, t] = torch.rand_like(frames[:, t])
+    frame_t_minus_1_changed = frames.clone()
+    frame_t_minus_1_changed[:, t - 1] = torch.rand_like(frames[:, t - 1])
+    with torch.no_grad():
+        ref = compressor_outputs(model, frames, ids, history, tracked, recurrent)
+        new_t = compressor_outputs(model, frame_t_changed, ids, history, tracked, recurrent)
+        new_prev = compressor_outputs(model, frame_t_minus_1_changed, ids, history, tracked, recurrent)
+    torch.testing.assert_close(new_t[:, :t + 1], ref[:, :t + 1], rtol=0, atol=1e-6)  # F_t unchanged
+    assert not torch.allclose(new_t[:, t + 1], ref[:, t + 1])  # frame t reaches F_{t+1}
+    torch.testing.assert_close(new_prev[:, :t], ref[:, :t], rtol=0, atol=1e-6)
+    assert not torch.allclose(new_prev[:, t], ref[:, t])  # frame t-1 reaches F_t
