@@ -55,6 +55,28 @@ def test_scan_closed_form(opts):
     np.testing.assert_allclose(last.numpy(), last0, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_scan_closed_form_half_precision(dtype):
+    """Half-precision inputs: the scan accumulates in float32, so the last state (float32) matches the float64
+    closed form of the same (rounded) inputs to 1e-5, and y (in u's dtype) is off by one rounding at most.
+    Accumulating in bfloat16 / float16 instead is off by ~1e-2 / ~1e-3 in the state."""
+    g = torch.Generator().manual_seed(0)
+    batch, dim, L, n, groups = 2, 4, 12, 3, 2
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+    x = dict(u=r(batch, dim, L), delta=r(batch, dim, L).abs() * 0.5, A=-0.5 - torch.rand(dim, n, generator=g),
+             B=r(batch, groups, n, L), C=r(batch, groups, n, L), D=r(dim), z=r(batch, dim, L),
+             delta_bias=0.3 * r(dim), initial_state=r(batch, dim, n))
+    x = {k: v.to(dtype) for k, v in x.items()}
+    y, last = kernels.selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    y0, last0 = scan_closed_form(*(x[k].double() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")),
+                                 True, x["initial_state"].double())
+    assert y.dtype == dtype and last.dtype == torch.float32, (y.dtype, last.dtype)
+    np.testing.assert_allclose(last.double().numpy(), last0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y.double().numpy(), y0, rtol=torch.finfo(dtype).eps, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- exercise 9 (open-ended)
 def test_box_prompt_to_mask(request):
     """infer.box_to_mask(frame (3, H, W) in [0, 1], box (x0, y0, x1, y1) pixels, end exclusive) -> bool (H, W):
