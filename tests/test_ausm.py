@@ -130,7 +130,8 @@ def test_history_marker_object_order_does_not_matter():
 
 def test_history_marker_area_downsampling_square():
     """4x4 masks to a 2x2 grid: cell (0,0) holds 1/4 of object 0 and 2/4 of object 1 ->
-    (0.25 A0 + 0.5 A1) / (1e-6 + 0.75); cell (1,1) holds 1/4 of object 1 alone -> 0.25 A1 / (1e-6 + 0.25)."""
+    (0.25 A0 + 0.5 A1) / (1e-6 + 0.75); cell (1,1) holds 1/4 of object 1 alone ->
+    0.25 A1 / (1e-6 + 0.25)."""
     A, _ = marker_inputs()
     M4 = torch.zeros(1, 2, 4, 4)
     M4[0, 0, 0, 0] = 1
@@ -145,9 +146,10 @@ def test_history_marker_area_downsampling_square():
 
 
 def test_history_marker_area_downsampling_non_square():
-    """6x8 masks to a 2x4 grid: each cell is 3 rows x 2 columns. Cell (0,0) holds 1/6 of object 0 (its top-left
-    pixel) and 2/6 of object 1 (pixels (1,1), (2,1)) -> (A0 / 6 + 2 A1 / 6) / (1e-6 + 3/6); cell (1,3) is all
-    object 1 -> A1 / (1 + 1e-6); cell (0,2) holds 1/6 of object 0 (pixel (0,5)) alone -> A0 / (1 + 6e-6)."""
+    """6x8 masks to a 2x4 grid: each cell is 3 rows x 2 columns. Cell (0,0) holds 1/6 of object 0
+    (its top-left pixel) and 2/6 of object 1 (pixels (1,1), (2,1)) -> (A0 / 6 + 2 A1 / 6) /
+    (1e-6 + 3/6); cell (1,3) is all object 1 -> A1 / (1 + 1e-6); cell (0,2) holds 1/6 of object 0
+    (pixel (0,5)) alone -> A0 / (1 + 6e-6)."""
     A, _ = marker_inputs()
     M = torch.zeros(1, 2, 6, 8)
     M[0, 0, 0, 0] = 1
@@ -183,7 +185,7 @@ def test_mamba_init():
 
 
 def mamba_steps(grad):
-    """A Mamba block, its parallel output on u (3, 6, 32) and the outputs of 6 calls of step from zero states."""
+    """A Mamba block's parallel output on u (3, 6, 32), and its 6 steps from zero states."""
     torch.manual_seed(0)
     m = Mamba(32, d_state=8, expand=2, d_conv=4)
     u = torch.randn(3, 6, 32)
@@ -203,7 +205,7 @@ def test_mamba_step_equals_forward_without_grad():  # inference: selective_state
     assert rel_err(y, ys) <= 1e-5
 
 
-def test_mamba_step_equals_forward_with_grad():  # the iterative trainer: the differentiable scan at L = 1
+def test_mamba_step_equals_forward_with_grad():  # the iterative trainer: the scan at L = 1
     y, ys = mamba_steps(grad=True)
     assert rel_err(y, ys) <= 1e-5
 
@@ -219,7 +221,8 @@ def test_mamba_step_leaves_the_callers_state_alone():
         ssm0 = ssm.clone()
         with torch.set_grad_enabled(grad):
             m.step(u, conv, ssm)
-        assert torch.equal(conv, conv0) and torch.equal(ssm, ssm0), f"state changed in place (grad={grad})"
+        assert torch.equal(conv, conv0), f"conv_state changed in place (grad={grad})"
+        assert torch.equal(ssm, ssm0), f"ssm_state changed in place (grad={grad})"
 
 
 # ---------------------------------------------------------------------------------- causality
