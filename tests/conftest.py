@@ -3,16 +3,17 @@
 The Triton interpreter must be switched on before `triton` is first imported, so it happens here, at
 the top of the first file pytest loads. On a machine with a CUDA GPU the kernels run for real.
 
-Classroom exercises (EXERCISES.md, tests/exercises.py): `python -m pytest --exercise N` runs only exercise
-N's checking tests. The meta-test (tests/test_exercises.py) also passes `--exercise-swap N:stub|wrong`,
-which replaces the exercise's target before any test module is imported (so `from infer import davis_f`
-sees the replacement).
+Classroom exercises (EXERCISES.md, tests/exercises.py): `python -m pytest --exercise N` runs only
+exercise N's checking tests. The meta-test (tests/test_exercises.py) also passes
+`--exercise-swap N:HOW` (HOW: stub, or a wrong version's name in tests/teacher.py), which replaces
+the exercise's target before any test module is imported (`from infer import davis_f` sees it).
 """
 import argparse
 import os
 import shlex
 import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -26,21 +27,28 @@ torch.use_deterministic_algorithms(False)
 def pytest_addoption(parser):
     parser.addoption("--exercise", type=int, metavar="N",
                      help="run only classroom exercise N's checking tests (see EXERCISES.md)")
-    parser.addoption("--exercise-swap", metavar="N:HOW", help=argparse.SUPPRESS)  # meta-test: stub|wrong|solution
+    parser.addoption("--exercise-swap", metavar="N:HOW", help=argparse.SUPPRESS)  # the meta-test
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer than a few seconds; run with -m slow")
-    swap, n = config.getoption("--exercise-swap"), config.getoption("--exercise")
+    swap = config.getoption("--exercise-swap")
+    n = config.getoption("--exercise")
+    if swap is None and n is None:
+        return
+    import exercises
     if swap:
-        import exercises
         k, _, how = swap.partition(":")
-        exercises.swap(int(k) if k.isdigit() else k, how)
+        try:
+            exercises.swap(int(k) if k.isdigit() else k, how)
+        except ValueError as e:
+            raise pytest.UsageError(str(e)) from None  # one line, no INTERNALERROR
     if n is not None:
-        import exercises
         if n not in exercises.EXERCISES:
-            raise ValueError(f"--exercise {n}: there are exercises {sorted(exercises.EXERCISES)} (EXERCISES.md)")
+            known = sorted(exercises.EXERCISES)
+            message = f"--exercise {n}: there are exercises {known}; see EXERCISES.md"
+            raise pytest.UsageError(message)
         file, _, expr = shlex.split(exercises.EXERCISES[n].check)  # "tests/test_x.py -k expr"
         config.args[:] = [os.path.join(exercises.ROOT, file)]  # only the checking file ...
         old = config.option.keyword
-        config.option.keyword = f"({expr}) and ({old})" if old else expr  # ... and its checking tests
+        config.option.keyword = f"({expr}) and ({old})" if old else expr  # ... its checking tests

@@ -96,51 +96,133 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # ------------------------------------------------------------------------------- History Marker
-def test_history_marker_hand_built():
-    marker, D = HistoryMarker(1e-6), 4
+def marker_inputs():
+    """Two objects on a 2x2 grid (no downsampling): pixel (0,0) object 0 only, (0,1) object 1 only,
+    (1,0) both, (1,1) background."""
     A = torch.tensor([[[1.0, 2, 3, 4], [-4.0, 0, 8, 2]]])  # (1, 2, D)
-    M = torch.zeros(1, 2, 2, 2)  # 2x2 grid, no downsampling
-    M[0, 0, 0, 0] = 1  # pixel (0,0): object 0 only
-    M[0, 1, 0, 1] = 1  # pixel (0,1): object 1 only
-    M[0, :, 1, 0] = 1  # pixel (1,0): both -> average;  pixel (1,1): background
-    S = marker(A, M, (2, 2))[0]  # (D, 2, 2)
+    M = torch.zeros(1, 2, 2, 2)  # (1, 2, 2, 2)
+    M[0, 0, 0, 0] = 1
+    M[0, 1, 0, 1] = 1
+    M[0, :, 1, 0] = 1
+    return A, M
+
+
+def test_history_marker_one_object_paints_its_vector():
+    A, M = marker_inputs()
+    S = HistoryMarker(1e-6)(A, M, (2, 2))[0]  # (D, 2, 2)
+    assert S.shape == (4, 2, 2)
     torch.testing.assert_close(S[:, 0, 0], A[0, 0], rtol=2e-6, atol=0)
     torch.testing.assert_close(S[:, 0, 1], A[0, 1], rtol=2e-6, atol=0)
+
+
+def test_history_marker_overlap_is_the_average_background_zero():
+    A, M = marker_inputs()
+    S = HistoryMarker(1e-6)(A, M, (2, 2))[0]  # (D, 2, 2)
     torch.testing.assert_close(S[:, 1, 0], (A[0, 0] + A[0, 1]) / 2, rtol=2e-6, atol=0)
     assert (S[:, 1, 1] == 0).all()
-    # order of objects does not matter
-    torch.testing.assert_close(marker(A.flip(1), M.flip(1), (2, 2))[0], S)
-    # fractional occupancy: 4x4 masks area-downsampled to 2x2; cell (0,0) has 1/4 of object 0 and 2/4 of
-    # object 1 -> (0.25 A0 + 0.5 A1) / (1e-6 + 0.75); cell (1,1) has 1/4 of object 1 alone -> A1 / (1 + 4e-6)
+
+
+def test_history_marker_object_order_does_not_matter():
+    A, M = marker_inputs()
+    marker = HistoryMarker(1e-6)
+    torch.testing.assert_close(marker(A.flip(1), M.flip(1), (2, 2)), marker(A, M, (2, 2)))
+
+
+def test_history_marker_area_downsampling_square():
+    """4x4 masks to a 2x2 grid: cell (0,0) holds 1/4 of object 0 and 2/4 of object 1 ->
+    (0.25 A0 + 0.5 A1) / (1e-6 + 0.75); cell (1,1) holds 1/4 of object 1 alone ->
+    0.25 A1 / (1e-6 + 0.25)."""
+    A, _ = marker_inputs()
     M4 = torch.zeros(1, 2, 4, 4)
     M4[0, 0, 0, 0] = 1
-    M4[0, 1, 0, 1] = M4[0, 1, 1, 1] = 1
+    M4[0, 1, 0, 1] = 1
+    M4[0, 1, 1, 1] = 1
     M4[0, 1, 3, 3] = 1
-    S4 = marker(A, M4, (2, 2))[0]
+    S4 = HistoryMarker(1e-6)(A, M4, (2, 2))[0]  # (D, 2, 2)
+    assert S4.shape == (4, 2, 2)
     torch.testing.assert_close(S4[:, 0, 0], (0.25 * A[0, 0] + 0.5 * A[0, 1]) / (1e-6 + 0.75))
     torch.testing.assert_close(S4[:, 1, 1], 0.25 * A[0, 1] / (1e-6 + 0.25))
     assert (S4[:, 0, 1] == 0).all() and (S4[:, 1, 0] == 0).all()
-    with pytest.raises(ValueError, match="multiple"):
-        marker(A, torch.zeros(1, 2, 5, 5), (2, 2))
+
+
+def test_history_marker_area_downsampling_non_square():
+    """6x8 masks to a 2x4 grid: each cell is 3 rows x 2 columns. Cell (0,0) holds 1/6 of object 0
+    (its top-left pixel) and 2/6 of object 1 (pixels (1,1), (2,1)) -> (A0 / 6 + 2 A1 / 6) /
+    (1e-6 + 3/6); cell (1,3) is all object 1 -> A1 / (1 + 1e-6); cell (0,2) holds 1/6 of object 0
+    (pixel (0,5)) alone -> A0 / (1 + 6e-6)."""
+    A, _ = marker_inputs()
+    M = torch.zeros(1, 2, 6, 8)
+    M[0, 0, 0, 0] = 1
+    M[0, 1, 1, 1] = 1
+    M[0, 1, 2, 1] = 1
+    M[0, 1, 3:6, 6:8] = 1
+    M[0, 0, 0, 5] = 1
+    S = HistoryMarker(1e-6)(A, M, (2, 4))[0]  # (D, 2, 4)
+    assert S.shape == (4, 2, 4)
+    torch.testing.assert_close(S[:, 0, 0], (A[0, 0] / 6 + 2 * A[0, 1] / 6) / (1e-6 + 3 / 6))
+    torch.testing.assert_close(S[:, 1, 3], A[0, 1] / (1 + 1e-6))
+    torch.testing.assert_close(S[:, 0, 2], (A[0, 0] / 6) / (1e-6 + 1 / 6))
+    for cell in [(0, 1), (0, 3), (1, 0), (1, 1), (1, 2)]:
+        assert (S[:, cell[0], cell[1]] == 0).all(), cell
+
+
+def test_history_marker_rejects_sizes_that_do_not_divide():
+    A, _ = marker_inputs()
+    marker = HistoryMarker(1e-6)
+    for Hm, Wm in [(5, 5), (6, 7), (5, 8)]:  # to a 2x4 grid: both sides, then each side alone
+        with pytest.raises(ValueError, match="multiple"):
+            marker(A, torch.zeros(1, 2, Hm, Wm), (2, 4))
 
 
 # -------------------------------------------------------------------------------------- Mamba
-def test_mamba_init_and_forward_equals_steps():
+def test_mamba_init():
     torch.manual_seed(0)
     m = Mamba(32, d_state=8, expand=2, d_conv=4)
     torch.testing.assert_close(-torch.exp(m.A_log[3]), -torch.arange(1, 9.0))  # S4D-real: A_n = -n
     assert torch.equal(m.D.data, torch.ones(64))
     dt = F.softplus(m.dt_proj.bias)
     assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 1e-1 * (1 + 1e-5)
+
+
+def mamba_steps(grad):
+    """A Mamba block's parallel output on u (3, 6, 32), and its 6 steps from zero states."""
+    torch.manual_seed(0)
+    m = Mamba(32, d_state=8, expand=2, d_conv=4)
     u = torch.randn(3, 6, 32)
-    y = m(u)
-    for grad in (True, False):  # grad: differentiable scan at L=1; no grad: selective_state_update
+    y = m(u)  # (3, 6, 32)
+    conv = torch.zeros(3, 64, 4)
+    ssm = torch.zeros(3, 64, 8)
+    ys = []
+    with torch.set_grad_enabled(grad):
+        for t in range(6):
+            yt, conv, ssm = m.step(u[:, t], conv, ssm)  # (3, 32)
+            ys.append(yt)
+    return y, torch.stack(ys, 1)  # (3, 6, 32) each
+
+
+def test_mamba_step_equals_forward_without_grad():  # inference: selective_state_update
+    y, ys = mamba_steps(grad=False)
+    assert rel_err(y, ys) <= 1e-5
+
+
+def test_mamba_step_equals_forward_with_grad():  # the iterative trainer: the scan at L = 1
+    y, ys = mamba_steps(grad=True)
+    assert rel_err(y, ys) <= 1e-5
+
+
+def test_mamba_step_leaves_the_callers_state_alone():
+    torch.manual_seed(0)
+    m = Mamba(32, d_state=8, expand=2, d_conv=4)
+    u = torch.randn(3, 32)
+    for grad in (False, True):
+        conv = torch.randn(3, 64, 4)
+        ssm = torch.randn(3, 64, 8)
+        conv0 = conv.clone()
+        ssm0 = ssm.clone()
         with torch.set_grad_enabled(grad):
-            conv, ssm, ys = torch.zeros(3, 64, 4), torch.zeros(3, 64, 8), []
-            for t in range(6):
-                yt, conv, ssm = m.step(u[:, t], conv, ssm)
-                ys.append(yt)
-        assert rel_err(y, torch.stack(ys, 1)) <= 1e-5
+            m.step(u, conv, ssm)
+        assert torch.equal(conv, conv0), f"conv_state changed in place (grad={grad})"
+        assert torch.equal(ssm, ssm0), f"ssm_state changed in place (grad={grad})"
 
 
 # ---------------------------------------------------------------------------------- causality

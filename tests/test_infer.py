@@ -270,11 +270,69 @@ def test_tracks_are_the_top_k_track_category_pairs():
     assert len(seg.tracks()) == 6 and seg.tracks()[0][:2] == (2, 2)
 
 
-def test_tts_keeps_the_last_T_of_1_to_T_back_and_forth():
-    model, frames = tiny_model(fg_bias=4.0), torch.rand(5, 3, 32, 32)
-    got = list(infer.segment(infer.Segmenter(model, "unprompted"), 5, lambda t: (frames[t], str(t)), tts=True))
-    ref, order = infer.Segmenter(model, "unprompted"), [0, 1, 2, 3, 4, 3, 2, 1, 0, 1, 2, 3, 4]
-    want = [ref.step(frames[t])[0] for t in order][-5:]                 # a plain loop over the paper's order
+class RecordingSegmenter:
+    """Stands in for Segmenter in segment(): records each step's frame and prompts; its id map
+    is the number of the call."""
+
+    def __init__(self):
+        self.fed = []
+        self.prompts = []
+
+    def step(self, frame, prompts=None):
+        self.fed.append(int(frame[0, 0, 0]))
+        self.prompts.append(prompts)
+        n = len(self.fed)
+        return np.full((2, 2), n), {n: 1.0}
+
+
+def numbered_frame(t):  # frame t is filled with the number t; its stem is f"f{t}"
+    return torch.full((3, 2, 2), float(t)), f"f{t}"
+
+
+def prompt_every_frame(t, stem):
+    return {t + 1: stem}
+
+
+def test_tts_feeds_1_to_T_back_and_forth():
+    seg = RecordingSegmenter()
+    list(infer.segment(seg, 5, numbered_frame, tts=True))
+    assert seg.fed == [0, 1, 2, 3, 4, 3, 2, 1, 0, 1, 2, 3, 4]  # 1..T, T-1..1, 2..T, 0-based
+
+
+def test_tts_yields_the_last_T_steps():
+    seg = RecordingSegmenter()
+    got = list(infer.segment(seg, 5, numbered_frame, tts=True))
+    assert [g[0] for g in got] == [0, 1, 2, 3, 4]
+    assert [g[1] for g in got] == ["f0", "f1", "f2", "f3", "f4"]
+    assert [int(g[2][0, 0, 0]) for g in got] == [0, 1, 2, 3, 4]  # the frame
+    assert [int(g[3][0, 0]) for g in got] == [9, 10, 11, 12, 13]  # the id maps of steps 9..13 of 13
+    assert [list(g[4]) for g in got] == [[9], [10], [11], [12], [13]]  # and their scores
+
+
+def test_tts_prompts_only_in_the_first_pass():
+    seg = RecordingSegmenter()
+    list(infer.segment(seg, 5, numbered_frame, prompt_every_frame, tts=True))
+    assert seg.prompts[:5] == [{1: "f0"}, {2: "f1"}, {3: "f2"}, {4: "f3"}, {5: "f4"}]
+    assert seg.prompts[5:] == [None] * 8  # the backward and second forward pass: no prompts
+
+
+def test_tts_off_is_the_plain_loop():
+    seg = RecordingSegmenter()
+    got = list(infer.segment(seg, 4, numbered_frame, prompt_every_frame))
+    assert seg.fed == [0, 1, 2, 3] and seg.prompts == [{1: "f0"}, {2: "f1"}, {3: "f2"}, {4: "f3"}]
+    assert [g[0] for g in got] == [0, 1, 2, 3] and [int(g[3][0, 0]) for g in got] == [1, 2, 3, 4]
+
+
+def test_tts_on_a_model_equals_a_plain_loop():
+    model = tiny_model(fg_bias=4.0)
+    frames = torch.rand(5, 3, 32, 32)
+
+    def frame(t):
+        return frames[t], str(t)
+    got = list(infer.segment(infer.Segmenter(model, "unprompted"), 5, frame, tts=True))
+    ref = infer.Segmenter(model, "unprompted")
+    order = [0, 1, 2, 3, 4, 3, 2, 1, 0, 1, 2, 3, 4]
+    want = [ref.step(frames[t])[0] for t in order][-5:]  # a plain loop over the paper's order
     assert [g[0] for g in got] == list(range(5))
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g[3], w)
