@@ -273,12 +273,12 @@ class Segmenter:
             self._allocate(list(prompts), prompt_masks)
         tracked = [(k, i) for k, i in self.slot.items() if k not in prompts]  # A_{t-1}: (id, slot)
         fg, cls, logits = self._predict(frame)  # Alg. 1 l.11-14: E_t, F_t, G_t, y_trk, y_det
-        masks = _up(logits, (S, S)) > 0  # (Q, S, S): every query's mask at the model's size
-        for k, i in tracked:  # Alg. 1 l.19, y_trk: M_t^i = tracking query i's mask
-            self.state.M[0, i] = masks[i]
         D = self._detections(fg)  # Alg. 1 l.15-16: D_t, the detections with fg >= threshold
+        masks = _up(logits, (S, S)) > 0  # (Q, S, S): every query's mask at the model's size
         new_ids = list(range(len(self.slot) + 1, len(self.slot) + len(D) + 1))
         joined = self._allocate(new_ids, masks[D])  # Alg. 1 l.17-19: D_t joins A_t and M_t
+        for k, i in tracked:  # Alg. 1 l.19: M_t = [masks of y_trk; ...], no filter
+            self.state.M[0, i] = masks[i]
         if self.t > 0:  # ours: a later prompt joins A_t and M_t as a detection does
             self._allocate(list(prompts), prompt_masks)
         output = self._output(tracked, list(zip(joined, D.tolist())), fg)  # [(id, query)]
