@@ -23,6 +23,7 @@ import argparse
 import itertools
 import json
 import os
+import pickle
 import re
 import resource
 import shutil
@@ -507,6 +508,13 @@ def load_model(path, device="cpu"):
                                 "python train.py --stage 1")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a function or class, or garbage
+        what = re.findall(r"GLOBAL ([\w.]+)", str(e))  # e.g. ["builtins.exec"]
+        why = f"it calls {what[0]} while loading" if what else "it cannot be unpickled"
+        raise ValueError(f"checkpoint {path}: refused, {why} (checkpoints are data: tensors, "
+                         "numbers, strings, lists, dicts); train one with this code: "
+                         "python train.py --stage 1") from None
+    try:
         model = ausm.AUSM(ausm.Config(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
     except Exception as e:  # code in the pickle, not a checkpoint, or weights of another Config

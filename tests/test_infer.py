@@ -220,7 +220,7 @@ def test_prompted_objects_join_on_frames_0_and_5():
             m = a if t == 0 else b
             assert (ids[m] == (7 if t == 0 else 9)).all() and (7 if t == 0 else 9) not in scores  # given
             np.testing.assert_array_equal(seg.state.M[0, seg.slot[7 if t == 0 else 9]].numpy(), m)
-        else:                       # tracked: history M = each object's mask (logits > 0); painted where any is
+        else:                       # tracked: M = each object's mask (logits > 0), in the id map where any is
             M = seg.state.M[0, :len(seg.slot)].numpy() > 0                 # (n, 32, 32): H = W = image_size here
             np.testing.assert_array_equal(M.any(0), ids > 0)
             assert all((M[i] | (ids != k)).all() for k, i in seg.slot.items())
