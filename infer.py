@@ -1,17 +1,18 @@
 """infer.py -- run AUSM over videos frame by frame and score the outputs the way the benchmarks do.
 
 Inference (PAPER.md Sec. 6): `Segmenter` is Alg. 1 around model.step with a constant-size State,
-prompted (VOS; mask prompts on any frame) or unprompted (VIS): every detection with fg prob >=
---threshold (0.5) gets a fresh ID drawn by the Sampler from B \\ A_{t-1} (seeded per video by --seed)
-and joins A_t; M_t = the masks of the tracked objects and of the new detections, unfiltered (Alg. 1
-l.15-19). App. A's top-k cuts only what is output. Sec. 3.4 test-time scaling: `segment` runs x1 /
-x2 / x3 passes back and forth and keeps the last T steps (results from those steps only);
-`image_views` makes an image a pseudo-video (Table 3). The CLI writes palette PNGs, a YouTube-VIS
-results.json and an overlay GIF, each whole or not at all. Differs: frames are resized to the square
-image_size (masks back); a later prompt joins like a detection and is its frame's output and M_t;
-unprompted, a tracked object is output while its fg prob >= threshold; results.json lists a video's
-top-k (track, category) pairs, as Mask2Former-VIS writes them; a full ID buffer warns once; the
-image's views (four 90% corner crops between visits) are our reading of App. A.
+prompted (VOS; mask prompts on any frame) or unprompted (VIS). Unprompted, every detection with
+fg prob >= --threshold (0.5) gets a fresh ID, a row of B \\ A_{t-1} drawn by the Sampler (seeded
+per video from --seed), and joins A_t; M_t = the masks of the tracked objects and of the new
+detections, unfiltered (Alg. 1 l.15-19). App. A's top-k cuts only what is output. Sec. 3.4:
+`segment` runs x1 / x2 / x3 passes back and forth and keeps the last T steps, results from those
+only; `image_views` makes an image a pseudo-video (Table 3). The CLI writes palette PNGs, a
+YouTube-VIS results.json and an overlay GIF, each whole or not at all.
+Differs: frames are resized to the square image_size (masks back); a later prompt joins like a
+detection and is its frame's output and M_t; unprompted, a tracked object is output while its fg
+prob >= threshold; results.json lists a video's top-k (track, category) pairs (Mask2Former-VIS);
+a full ID buffer warns once; the image's views (four 90% corner crops between its visits) are our
+reading of App. A.
 Metrics (Sec. 3, numpy, checked against the reference tools' golden files): DAVIS J&F as
 davis2017-evaluation's semi-supervised protocol (first and last frame not scored, objects = 1..max
 id of the first ground-truth frame, object-weighted); video AP/AR as the YouTube-VIS cocoapi fork.
