@@ -227,7 +227,7 @@ def ytvis_ap(gt_dataset, results):
     out.update({f"AR{s}": mean(recall[..., a, 2]) for a, s in enumerate("sml", 1)})
     return out
 
-# ------------------------------------------------------------------------ Streaming inference (Alg. 1)
+# --------------------------------------------------------------------- Streaming inference (Alg. 1)
 def _up(x, size):  # (n, h, w) -> (n, *size), bilinear; n may be 0
     return F.interpolate(x[None], size, mode="bilinear")[0] if len(x) else x.new_zeros(0, *size)
 
@@ -267,23 +267,24 @@ class Segmenter:
     @torch.no_grad()
     def step(self, frame, prompts=None):
         S = self.model.cfg.image_size
-        prompts = self._new_prompts(frame, prompts)  # {id: bool (H, W)}: objects not tracked yet
+        prompts = self._new_prompts(frame, prompts)  # {id: bool (H, W)}: objects not tracked yet;
+        # their output and M_t this frame are the prompt, so `tracked` below leaves them out
         prompt_masks = [_up(m[None].float(), (S, S))[0] > 0.5 for m in prompts.values()]  # (S, S)
         if self.t == 0:  # Alg. 1 before the loop: A_0 = Sampler(B, |y_0|), M_0 = m_0
             N = self.model.cfg.N_id  # no row of B drawn yet (ids -1), no slot allocated
             self.state = self.model.init_state(1, N, S, S, ids=torch.full((1, N), -1))
             self._allocate(list(prompts), prompt_masks)
-        tracked = [(k, i) for k, i in self.slot.items() if k not in prompts]  # A_{t-1}: (id, slot)
+        tracked = [(k, i) for k, i in self.slot.items() if k not in prompts]  # A_{t-1} (id, slot)
         fg, cls, logits = self._predict(frame)  # Alg. 1 l.11-14: E_t, F_t, G_t, y_trk, y_det
         D = self._detections(fg)  # Alg. 1 l.15-16: D_t, the detections with fg >= threshold
         masks = _up(logits, (S, S)) > 0  # (Q, S, S): every query's mask at the model's size
         new_ids = list(range(len(self.slot) + 1, len(self.slot) + len(D) + 1))
-        joined = self._allocate(new_ids, masks[D])  # Alg. 1 l.17-19: D_t joins A_t and M_t
+        joined = self._allocate(new_ids, masks[D])  # Alg. 1 l.17-19: Sampler, A_t, M_t of D_t
         for k, i in tracked:  # Alg. 1 l.19: M_t = [masks of y_trk; ...], no filter
             self.state.M[0, i] = masks[i]
         if self.t > 0:  # ours: a later prompt joins A_t and M_t as a detection does
             self._allocate(list(prompts), prompt_masks)
-        output = self._output(tracked, list(zip(joined, D.tolist())), fg)  # [(id, query)]
+        output = self._output(tracked, list(zip(joined, D.tolist())), fg)  # App. A: top-k
         ids = self._id_map(output, logits, prompts, frame.shape[-2:])  # (H, W)
         self.t += 1
         return ids, {k: cls[q].cpu().numpy() for k, q in output}
@@ -291,7 +292,8 @@ class Segmenter:
     def _new_prompts(self, frame, prompts):  # {id: mask} of ids not tracked yet, checked
         N = self.model.cfg.N_id
         hw = tuple(frame.shape[-2:])
-        prompts = {int(k): torch.as_tensor(np.asarray(m)).bool() for k, m in (prompts or {}).items()}
+        prompts = prompts or {}
+        prompts = {int(k): torch.as_tensor(np.asarray(m)).bool() for k, m in prompts.items()}
         prompts = {k: m.to(self.model.X_0.device) for k, m in prompts.items() if k not in self.slot}
         if self.t == 0:
             self.hw = hw
@@ -315,7 +317,7 @@ class Segmenter:
             return fg, fg[:, None], logits  # (Q, 1)
         return fg, out["cls"][-1, 0].softmax(-1)[:, :-1], logits  # (Q, K): no "no-object"
 
-    def _detections(self, fg):  # Alg. 1 l.15-16: detection queries with fg >= threshold, surest first
+    def _detections(self, fg):  # Alg. 1 l.15-16: detection queries, fg >= threshold, surest first
         N = self.model.cfg.N_id
         if self.mode != "unprompted":
             return torch.zeros(0, dtype=torch.long, device=fg.device)
@@ -347,7 +349,7 @@ class Segmenter:
         candidates = [(k, i) for k, i in tracked if fg[i] >= self.threshold] + joined
         return sorted(candidates, key=lambda c: -fg[c[1]].item())[:self.top_k]  # App. A: top-k
 
-    def _id_map(self, output, logits, prompts, hw):  # argmax of background (logit 0), output, prompts
+    def _id_map(self, output, logits, prompts, hw):  # argmax: background (logit 0), output, prompts
         dev = logits.device
         given = [m[None].float() * 2e4 - 1e4 for m in prompts.values()]  # a prompt wins where given
         maps = [torch.zeros(1, *hw, device=dev), _up(logits[[q for _, q in output]], hw), *given]
@@ -355,7 +357,8 @@ class Segmenter:
         return labels[torch.cat(maps).argmax(0)].cpu().numpy()  # (H, W) from (1 + n, H, W)
 
 def _id_maps(masks, ids):  # (N, T, H, W) disjoint bool masks, N ids -> (T, H, W) int64 id maps
-    return (masks.long() * torch.tensor(list(ids), dtype=torch.long).view(-1, 1, 1, 1)).sum(0).numpy()
+    ids = torch.tensor(list(ids), dtype=torch.long).view(-1, 1, 1, 1)  # (N, 1, 1, 1)
+    return (masks.long() * ids).sum(0).numpy()
 
 def _natural_key(path):  # frame2 before frame10: runs of digits compare as numbers
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
@@ -444,9 +447,10 @@ def segment_image(seg, image, stem, prompts=None, tts=3):
     yield 0, stem, image, ids, scores
 
 def _results(outputs, T, video_id, top_k=None):
-    """YouTube-VIS results of a video's kept frames (t, id map, scores): the top_k (object, category)
-    pairs by class probability averaged over the frames the object was output (Mask2Former-VIS),
-    each with its RLE per frame (None = absent). Objects never in an id map go before the cut."""
+    """YouTube-VIS results of a video's kept frames (t, id map, scores): the top_k (object,
+    category) pairs by class probability averaged over the frames the object was output
+    (Mask2Former-VIS), each with its RLE per frame (None = absent). Objects never in an id map go
+    before the cut."""
     rles, sums, counts = {}, {}, {}
     for t, ids, scores in outputs:
         for k in np.unique(ids).tolist():
@@ -526,7 +530,8 @@ def load_model(path, device="cpu"):
 
 # ------------------------------------------------------------------- The inference command line
 def _check_args(args):  # before anything is read or written
-    for flag, n in (("--num-frames", args.num_frames), ("--top-k", args.top_k), ("--tts", args.tts)):
+    counts = (("--num-frames", args.num_frames), ("--top-k", args.top_k), ("--tts", args.tts))
+    for flag, n in counts:
         if n is not None and n < 1:
             raise ValueError(f"{flag} {n}: give a whole number >= 1")
     if args.gif_frames < 0:
@@ -551,9 +556,9 @@ def _prompt_reader(args, hw, gt):  # -> prompts(t, stem): {id: mask} of frame t'
         return _no_prompts
     src = Path(args.prompt or ".")
     if not (src.exists() if args.prompt else gt):
-        raise FileNotFoundError(f"--prompt {args.prompt}: --mode prompted needs an existing palette "
-                                "PNG of frame 0 or a folder of <frame>.png masks (or run --mode "
-                                "unprompted)")
+        raise FileNotFoundError(f"--prompt {args.prompt}: --mode prompted needs an existing "
+                                "palette PNG of frame 0 or a folder of <frame>.png masks (or run "
+                                "--mode unprompted)")
     def prompts(t, stem):
         f = src / f"{stem}.png" if src.is_dir() else src
         if not args.prompt:  # synthetic: its ground truth; objects join where first seen
