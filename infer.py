@@ -1,21 +1,34 @@
 """infer.py -- run AUSM over videos frame by frame and score the outputs the way the benchmarks do.
 
-Inference (Alg. 1, Sec. 3.4 test-time scaling, PAPER.md Sec. 6): `Segmenter` streams frames through
-model.step with a constant-size State, prompted (VOS; masks on any frame) or unprompted (VIS); the CLI writes palette
-PNGs, a YouTube-VIS results.json and an overlay GIF. Differs: frames are resized to the square image_size (masks
-back); unprompted, only a frame's top-k detections join, and results.json keeps a video's top-k (track, category)
-pairs, so a track may score several categories, as Mask2Former-VIS writes them. Metrics (Sec. 3, numpy, checked
-against the reference tools' golden files): DAVIS J&F as davis2017-evaluation's semi-supervised protocol (first and
-last frame not scored, objects = 1..max id of the first ground-truth frame, object-weighted; the sequences are the
-ground truth's, or ImageSets/2017/val.txt's); video AP/AR as the YouTube-VIS cocoapi fork; input they cannot score
-is refused, naming the sequence or result (unlike the fork, a result of an unknown category_id too).
-Left out: OVIS occlusion buckets, YouTube-VOS G (needs the server's seen/unseen lists), DAVIS
-void pixels (255 = background), the unsupervised DAVIS protocol, box/point prompts; results.json is held in memory.
+Inference (PAPER.md Sec. 6): `Segmenter` is Alg. 1 around model.step with a constant-size State,
+prompted (VOS; mask prompts on any frame) or unprompted (VIS). Unprompted, every detection with
+fg prob >= --threshold (0.5) gets a fresh ID, a row of B \\ A_{t-1} drawn by the Sampler (seeded
+per video from --seed), and joins A_t; M_t = the masks of the tracked objects and of the new
+detections, unfiltered (Alg. 1 l.15-19). App. A's top-k cuts only what is output. Sec. 3.4:
+`segment` runs x1 / x2 / x3 passes back and forth and keeps the last T steps, results from those
+only; `image_views` makes an image a pseudo-video (Table 3). The CLI writes palette PNGs, a
+YouTube-VIS results.json and an overlay GIF, each whole or not at all.
+Differs: frames are resized to the square image_size (masks back); a later prompt joins like a
+detection and is its frame's output and M_t; unprompted, a tracked object is output while its fg
+prob >= threshold; results.json lists a video's top-k (track, category) pairs (Mask2Former-VIS);
+a full ID buffer warns once; the image's views (four 90% corner crops between its visits) are our
+reading of App. A.
+Metrics (Sec. 3, numpy, checked against the reference tools' golden files): DAVIS J&F as
+davis2017-evaluation's semi-supervised protocol (first and last frame not scored, objects = 1..max
+id of the first ground-truth frame, object-weighted; the sequences are the ground truth's, or
+ImageSets/2017/val.txt's); video AP/AR as the YouTube-VIS cocoapi fork. Input they cannot score is
+refused, naming the sequence or result (unlike the fork, a result of an unknown category_id too).
+Left out: OVIS occlusion buckets, YouTube-VOS G (needs the server's seen/unseen lists), DAVIS void
+pixels (255 = background), the unsupervised DAVIS protocol, box/point prompts, video files (.mp4:
+extract frames); results.json is held in memory.
 """
 import argparse
-import itertools
 import json
+import os
+import pickle
+import re
 import resource
+import shutil
 import sys
 import time
 import warnings
@@ -27,8 +40,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ausm
-from data import (VOC_PALETTE, _read_image, heldout, polygons_to_mask, read_palette_png, rle_area,
-                  rle_counts, rle_decode, rle_encode, write_palette_png)
+from data import (VOC_PALETTE, _read_image, heldout, natural_key, polygons_to_mask, read_palette_png,
+                  rle_area, rle_counts, rle_decode, rle_encode, write_palette_png)
 
 # ----------------------------------------------------------------------------- Metrics: DAVIS J&F
 def davis_j(pred, gt):
@@ -441,178 +454,417 @@ def ytvis_ap(gt_dataset, results):
         recall[:, k] = category_recall
     return _summarize(precision, recall)                            # 5. summary
 
-# ----------------------------------------------------------------------------------------- Streaming inference (Alg. 1)
+# --------------------------------------------------------------------- Streaming inference (Alg. 1)
 def _up(x, size):  # (n, h, w) -> (n, *size), bilinear; n may be 0
     return F.interpolate(x[None], size, mode="bilinear")[0] if len(x) else x.new_zeros(0, *size)
 
-# EXERCISE 9 (open): box_to_mask(frame, box) -> a mask prompt for Segmenter; done when pytest --exercise 9 passes
+def sampler_seed(seed, video):  # the Sampler's seed for one video: from (--seed, video index)
+    return int(np.random.SeedSequence([seed, video]).generate_state(1)[0])
+
+# EXERCISE 9 (open): box_to_mask(frame, box) -> a mask prompt for Segmenter;
+# done when pytest --exercise 9 passes
 class Segmenter:
-    """Alg. 1 around model.step: step(frame (3, H, W) in [0, 1], prompts) -> (id map (H, W), {id: fg prob}).
-    prompted: a prompt {new id: bool (H, W)} on any frame gives the object the next slot (a row of B drawn by the
-      Sampler in init_state) and is its output and history M that frame, like a detection (frame 0: also y_0, on X_0);
-      tracked ids are not re-prompted. Output: tracked queries' final mask logits > 0, argmax where they overlap.
-    unprompted: the top_k by fg prob of tracked objects and detections with fg prob >= threshold are painted; new
-      ones get fresh ids (slot + 1); a full ID buffer warns once, then adds no one. History: binary masks."""
-    def __init__(self, model, mode="prompted", dataset="synthetic", top_k=10, threshold=0.5):
+    """Alg. 1 around model.step: step(frame (3, H, W) in [0, 1], prompts) -> (id map, scores).
+
+    Slot i of the State is tracking query i; allocated (state.alloc), it holds a row
+    state.ids[0, i] of the ID buffer B and a mask state.M[0, i]. Slots fill in allocation order:
+    A_{t-1} = the allocated slots' rows; `slot` maps an object id to its slot. The output: an id
+    map (H, W), 0 = background, and scores {id: class probabilities (K,)} of the objects the
+    model predicted ("paint" is only the History Marker's).
+    prompted: a prompt {new id: bool (H, W)} on any frame is the object's output and M_t there
+      (frame 0: y_0, on X_0); then it is tracked. Output: every tracked object, no threshold.
+    unprompted: every detection with fg prob >= threshold gets a fresh id while B has free rows
+      (Alg. 1 l.15-19). Output: the top_k by fg prob of them and of the tracked objects with fg
+      prob >= threshold. The Sampler's draws are seeded by `seed`."""
+    def __init__(self, model, mode="prompted", dataset="synthetic", top_k=10, threshold=0.5,
+                 seed=0):
         if mode not in ("prompted", "unprompted"):
             raise ValueError(f"mode {mode!r}: expected 'prompted' or 'unprompted'")
-        self.model, self.mode, self.dataset, self.top_k, self.thr = model, mode, dataset, top_k, threshold
-        self.state, self.slot, self.stats, self.t, self.full = None, {}, {}, 0, False  # slot: object id -> row
-
-    def _join(self, masks):  # {id k: mask (S, S)}: k joins A_t in the next free slot (a known k: new mask), M_t^i
-        for k, m in masks.items():
-            i = self.slot.setdefault(k, len(self.slot))
-            self.state.alloc[0, i], self.state.M[0, i] = True, m
+        self.model = model
+        self.mode = mode
+        self.dataset = dataset
+        self.top_k = top_k
+        self.threshold = threshold
+        self.sampler = torch.Generator().manual_seed(seed)
+        self.state = None  # the model's State, made on the first frame
+        self.slot = {}  # object id -> slot, in allocation order
+        self.t = 0
+        self.warned_full = False
 
     @torch.no_grad()
     def step(self, frame, prompts=None):
-        cfg, dev, (H, W), thr = self.model.cfg, self.model.X_0.device, frame.shape[-2:], self.thr
-        S, N = cfg.image_size, cfg.N_id
-        if self.t == 0:  # Sampler: the slots' rows of B are drawn once per video
-            self.hw, self.state = (H, W), self.model.init_state(1, N, S, S, generator=torch.Generator().manual_seed(0))
-        prompts = {int(k): torch.as_tensor(np.asarray(m), device=dev).bool() for k, m in (prompts or {}).items()
-                   if int(k) not in self.slot}
-        if (H, W) != self.hw or any(m.shape != (H, W) for m in prompts.values()):
-            raise ValueError(f"frame {self.t} {(H, W)} or its prompts differ from frame 0's size {self.hw}; resize")
-        if len(set(self.slot) | set(prompts)) > N or prompts and self.mode != "prompted":
-            raise ValueError(f"frame {self.t}: prompts {sorted(prompts)} need mode='prompted' and at most N_id={N} "
-                             "objects in all; prompt fewer objects or train with a larger Config.N_id")
-        small = {k: _up(m[None].float(), (S, S))[0] > 0.5 for k, m in prompts.items()}  # (S, S) each
-        self._join(small if self.t == 0 else {})  # y_0 is painted on X_0 (Alg. 1)
-        old = list(self.slot.items())  # A_{t-1}: (object id, slot = its tracking query)
-        x = F.interpolate(frame[None].float().to(dev), (S, S), mode="bilinear", antialias=True).clamp(0, 1)
-        out, self.state = self.model.step(x, self.state, self.dataset)  # x (1, 3, S, S)
-        fg, logits = out["fg"][-1, 0].sigmoid(), out["masks"][-1, 0]  # (Q,), (Q, S/4, S/4): the final layer
-        cls = fg[:, None] if out["cls"] is None else out["cls"][-1, 0].softmax(-1)[:, :-1]  # (Q, K)
-        p, paint = fg.tolist(), [(k, i) for k, i in old if k not in prompts] if self.mode == "prompted" else []
-        self._join({k: m & (self.mode == "prompted" or p[i] >= thr)  # M_t of the tracked, (S, S) each
-                    for (k, i), m in zip(old, _up(logits[[i for _, i in old]], (S, S)) > 0)})
-        cand = [(k, i) for k, i in old if p[i] >= thr] + [(0, q) for q in range(N, len(p)) if p[q] >= thr]
-        for k, q in sorted(cand, key=lambda c: -p[c[1]])[:self.top_k] if self.mode == "unprompted" else ():
-            if not k and len(self.slot) == N:  # the ID buffer is exhausted: no new objects, one warning
-                self.full = self.full or not warnings.warn(f"frame {self.t}: the ID buffer (N_id={N}) is full; "
-                                                           "no new objects from here on")
-                continue
-            k = k or len(self.slot) + 1  # a detection (q >= N) gets a fresh id and joins A_t with its mask
-            self._join({k: _up(logits[q:q + 1], (S, S))[0] > 0} if q >= N else {})
-            paint.append((k, q))
-        self._join(small)
-        for k, q in paint:  # class probabilities summed over the frames where the model paints k, and their count
-            self.stats[k] = self.stats.get(k, 0) + F.pad(cls[q], (0, 1), value=1.0)  # (K + 1,)
-        maps = torch.cat([torch.zeros(1, H, W, device=dev), _up(logits[[q for _, q in paint]], (H, W)),
-                          *(m[None] * 2e4 - 1e4 for m in prompts.values())])  # (1 + n, H, W); 0: background
-        ids = torch.tensor([0] + [k for k, _ in paint] + list(prompts), device=dev)[maps.argmax(0)]  # (H, W)
+        S = self.model.cfg.image_size
+        prompts = self._new_prompts(frame, prompts)  # {id: bool (H, W)}: objects not tracked yet;
+        # their output and M_t this frame are the prompt, so `tracked` below leaves them out
+        prompt_masks = [_up(m[None].float(), (S, S))[0] > 0.5 for m in prompts.values()]  # (S, S)
+        if self.t == 0:  # Alg. 1 before the loop: A_0 = Sampler(B, |y_0|), M_0 = m_0
+            N = self.model.cfg.N_id  # no row of B drawn yet (ids -1), no slot allocated
+            self.state = self.model.init_state(1, N, S, S, ids=torch.full((1, N), -1))
+            self._allocate(list(prompts), prompt_masks)
+        tracked = [(k, i) for k, i in self.slot.items() if k not in prompts]  # A_{t-1} (id, slot)
+        fg, cls, logits = self._predict(frame)  # Alg. 1 l.11-14: E_t, F_t, G_t, y_trk, y_det
+        D = self._detections(fg)  # Alg. 1 l.15-16: D_t, the detections with fg >= threshold
+        masks = _up(logits, (S, S)) > 0  # (Q, S, S): every query's mask at the model's size
+        new_ids = list(range(len(self.slot) + 1, len(self.slot) + len(D) + 1))
+        joined = self._allocate(new_ids, masks[D])  # Alg. 1 l.17-19: Sampler, A_t, M_t of D_t
+        for k, i in tracked:  # Alg. 1 l.19: M_t = [masks of y_trk; ...], no filter
+            self.state.M[0, i] = masks[i]
+        if self.t > 0:  # ours: a later prompt joins A_t and M_t as a detection does
+            self._allocate(list(prompts), prompt_masks)
+        output = self._output(tracked, list(zip(joined, D.tolist())), fg)  # App. A: top-k
+        ids = self._id_map(output, logits, prompts, frame.shape[-2:])  # (H, W)
         self.t += 1
-        return ids.cpu().numpy(), {**{k: p[q] for k, q in paint}, **dict.fromkeys(prompts, 1.0)}
+        return ids, {k: cls[q].cpu().numpy() for k, q in output}
 
-    def tracks(self):  # [(id, category, score)]: class probs averaged where id was painted; unprompted: the top_k
-        pairs = [(k, c, p) for k, s in self.stats.items() for c, p in enumerate((s[:-1] / s[-1]).tolist())]  # pairs,
-        return sorted(pairs, key=lambda x: -x[2])[:self.top_k if self.mode == "unprompted" else None]  # Mask2Former-VIS
+    def _new_prompts(self, frame, prompts):  # {id: mask} of ids not tracked yet, checked
+        N = self.model.cfg.N_id
+        hw = tuple(frame.shape[-2:])
+        prompts = prompts or {}
+        prompts = {int(k): torch.as_tensor(np.asarray(m)).bool() for k, m in prompts.items()}
+        prompts = {k: m.to(self.model.X_0.device) for k, m in prompts.items() if k not in self.slot}
+        if self.t == 0:
+            self.hw = hw
+        if hw != self.hw or any(tuple(m.shape) != hw for m in prompts.values()):
+            raise ValueError(f"frame {self.t} {hw} or its prompts differ from frame 0's size "
+                             f"{self.hw}; resize")
+        if (prompts and self.mode != "prompted") or len(self.slot) + len(prompts) > N:
+            raise ValueError(f"frame {self.t}: prompts {sorted(prompts)} need mode='prompted' and "
+                             f"at most N_id={N} objects in all; prompt fewer objects or train with "
+                             "a larger Config.N_id")
+        return prompts
+
+    def _predict(self, frame):  # Alg. 1 l.11-14 -> fg prob (Q,), class probs (Q, K), mask logits
+        S = self.model.cfg.image_size
+        x = frame[None].float().to(self.model.X_0.device)  # (1, 3, H, W)
+        x = F.interpolate(x, (S, S), mode="bilinear", antialias=True).clamp(0, 1)  # (1, 3, S, S)
+        out, self.state = self.model.step(x, self.state, self.dataset)
+        fg = out["fg"][-1, 0].sigmoid()  # (Q,): the final layer's heads
+        logits = out["masks"][-1, 0]  # (Q, S/4, S/4)
+        if out["cls"] is None:  # a class-agnostic head: the fg prob is the one class
+            return fg, fg[:, None], logits  # (Q, 1)
+        return fg, out["cls"][-1, 0].softmax(-1)[:, :-1], logits  # (Q, K): no "no-object"
+
+    def _detections(self, fg):  # Alg. 1 l.15-16: detection queries, fg >= threshold, surest first
+        N = self.model.cfg.N_id
+        if self.mode != "unprompted":
+            return torch.zeros(0, dtype=torch.long, device=fg.device)
+        D = torch.nonzero(fg[N:] >= self.threshold)[:, 0] + N  # (|D_t|,) query indices
+        return D[fg[D].argsort(descending=True, stable=True)]
+
+    def _allocate(self, ids, masks):  # new object ids with their masks (S, S) join A_t and M_t
+        N = self.model.cfg.N_id
+        n = len(self.slot)
+        fit = min(len(ids), N - n)  # B has N_id rows: once all are in A_t nobody new joins
+        if fit < len(ids) and not self.warned_full:
+            warnings.warn(f"frame {self.t}: the ID buffer (N_id={N}) is full; no new objects "
+                          "from here on")
+            self.warned_full = True
+        free = torch.ones(N, dtype=torch.bool)
+        free[self.state.ids[0, :n].cpu()] = False
+        rows = torch.nonzero(free)[:, 0]  # B \ A_{t-1}
+        rows = rows[torch.randperm(len(rows), generator=self.sampler)[:fit]]  # Alg. 1 l.17: Sampler
+        for j in range(fit):
+            self.slot[ids[j]] = n + j
+            self.state.ids[0, n + j] = rows[j]
+            self.state.alloc[0, n + j] = True  # Alg. 1 l.18: A_t = [A_{t-1}; Sampler(...)]
+            self.state.M[0, n + j] = masks[j]  # Alg. 1 l.19: M_t = [masks of y_trk; of D_t]
+        return ids[:fit]
+
+    def _output(self, tracked, joined, fg):  # [(id, query)] (this frame's prompts come after)
+        if self.mode == "prompted":
+            return tracked
+        candidates = [(k, i) for k, i in tracked if fg[i] >= self.threshold] + joined
+        return sorted(candidates, key=lambda c: -fg[c[1]].item())[:self.top_k]  # App. A: top-k
+
+    def _id_map(self, output, logits, prompts, hw):  # argmax: background (logit 0), output, prompts
+        dev = logits.device
+        given = [m[None].float() * 2e4 - 1e4 for m in prompts.values()]  # a prompt wins where given
+        maps = [torch.zeros(1, *hw, device=dev), _up(logits[[q for _, q in output]], hw), *given]
+        labels = torch.tensor([0] + [k for k, _ in output] + list(prompts), device=dev)  # (1 + n,)
+        return labels[torch.cat(maps).argmax(0)].cpu().numpy()  # (H, W) from (1 + n, H, W)
 
 def _id_maps(masks, ids):  # (N, T, H, W) disjoint bool masks, N ids -> (T, H, W) int64 id maps
-    return (masks.long() * torch.tensor(list(ids), dtype=torch.long).view(-1, 1, 1, 1)).sum(0).numpy()
+    ids = torch.tensor(list(ids), dtype=torch.long).view(-1, 1, 1, 1)  # (N, 1, 1, 1)
+    return (masks.long() * ids).sum(0).numpy()
+
+def _to_tensor(img):  # uint8 (H, W, 3) -> float (3, H, W) in [0, 1]
+    return torch.from_numpy(img).permute(2, 0, 1).float() / 255
+
+def _synthetic_video(num_frames, size):  # held-out video 0, played back and forth past its length
+    clip = heldout("synthetic", 1, min(num_frames or 16, 48), size)[0]
+    L = len(clip.frames)
+    gt = _id_maps(clip.masks, clip.ids)  # (L, H, W)
+    def bounce(t):  # 0..L-1, L-2..1, 0..
+        return L - 1 - abs(L - 1 - t % max(2 * L - 2, 1))
+    def frame(t):
+        return clip.frames[bounce(t)], f"{t:05d}"
+    def ground_truth(t):
+        return gt[bounce(t)]
+    return clip.name, num_frames or L, (size, size), frame, ground_truth
+
+def _folder_video(p, num_frames):  # a folder of frames in natural order (frame2 before frame10)
+    files = [f for f in p.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    files = sorted(files, key=natural_key)
+    if not files:
+        raise FileNotFoundError(f"{p}: no .jpg/.jpeg/.png frames; give a folder of frames, a GIF "
+                                "or synthetic")
+    hw = _read_image(files[0]).shape[:2]
+    def frame(t):
+        img = _read_image(files[t])
+        if img.shape[:2] != hw:
+            raise ValueError(f"{files[t]}: {img.shape[:2]} (h, w) but {files[0].name} is {hw}; "
+                             "resize to one size")
+        return _to_tensor(img), files[t].stem
+    return p.stem, min(len(files), num_frames or len(files)), hw, frame, None
+
+def _file_video(p, num_frames):  # an animated GIF, or one image (a 1-frame video)
+    hw = _read_image(p).shape[:2]  # a missing or bad file is named here
+    gif = Image.open(p)
+    n = getattr(gif, "n_frames", 1)
+    def frame(t):
+        gif.seek(t)
+        return _to_tensor(np.array(gif.convert("RGB"))), f"{t:05d}"
+    return p.stem, min(n, num_frames or n), hw, frame, None
 
 def open_video(video, num_frames=None, size=128):
-    """A folder of JPEG/PNG frames, an animated GIF or "synthetic" (held-out video 0; past 48 frames back and forth)
-    -> name, T, (H, W), frame(t) -> (float (3, H, W) in [0, 1], stem), ground truth(t) or None. Reads lazily."""
+    """A folder of JPEG/PNG frames, an animated GIF, one image or "synthetic" (held-out video 0) ->
+    name, T, (H, W), frame(t) -> (float (3, H, W) in [0, 1], stem), ground truth(t) or None."""
     if video == "synthetic":
-        c = heldout("synthetic", 1, min(num_frames or 16, 48), size)[0]
-        L, gt = len(c.frames), _id_maps(c.masks, c.ids)  # (L, H, W)
-        j = lambda t: L - 1 - abs(L - 1 - t % max(2 * L - 2, 1))  # 0..L-1, L-2..1, 0..  # noqa: E731
-        return c.name, num_frames or L, (size, size), lambda t: (c.frames[j(t)], f"{t:05d}"), lambda t: gt[j(t)]
+        return _synthetic_video(num_frames, size)
     p = Path(video)
-    files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png")) if p.is_dir() else []
-    if p.is_dir() and not files:
-        raise FileNotFoundError(f"{p}: no .jpg/.jpeg/.png frames; give a folder of frames, a GIF or synthetic")
-    hw, gif = _read_image(files[0] if files else p).shape[:2], None if files else Image.open(p)  # bad file: named
-    def frame(t):  # a folder: read file t; a GIF: seek to frame t
-        img = _read_image(files[t]) if files else np.array(gif.seek(t) or gif.convert("RGB"))
-        if img.shape[:2] != hw:
-            raise ValueError(f"{files[t]}: {img.shape[:2]} (h, w) but {files[0].name} is {hw}; resize to one size")
-        return torch.from_numpy(img).permute(2, 0, 1).float() / 255, files[t].stem if files else f"{t:05d}"
-    return p.stem, min(len(files) if files else getattr(gif, "n_frames", 1), num_frames or 1 << 62), hw, frame, None
+    if p.suffix.lower() in (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"):
+        raise ValueError(f"{p}: video files are not read; extract its frames first, e.g. mkdir "
+                         f"frames && ffmpeg -i {p} -q:v 2 frames/%05d.jpg, then --video frames")
+    return _folder_video(p, num_frames) if p.is_dir() else _file_video(p, num_frames)
 
-def segment(seg, T, frame, prompts=lambda t, stem: None, tts=False):  # EXERCISE 8: done: pytest --exercise 8
-    """Yield (t, stem, frame, id map, scores), t < T, one frame at a time; tts (Sec. 3.4): 1..T, T-1..1, 2..T."""
-    order = [*range(T), *(range(T - 2, -1, -1) if tts else ()), *(range(1, T) if tts else ())]
+# EXERCISE 8: done: pytest --exercise 8
+def segment(seg, T, frame, prompts=lambda t, stem: None, tts=False):
+    """Yield (t, stem, frame, id map, scores) of the last T steps, one frame at a time. tts (Sec.
+    3.4): passes back and forth, turning frames not repeated; True = 3: 1..T, T-1..1, 2..T."""
+    passes = 3 if tts is True else max(1, int(tts))
+    order = list(range(T))
+    for p in range(1, passes):
+        if p % 2:
+            order += range(T - 2, -1, -1)
+        else:
+            order += range(1, T)
     for n, t in enumerate(order):
         img, stem = frame(t)
         ids, scores = seg.step(img, prompts(t, stem) if n < T else None)
         if n >= len(order) - T:
             yield t, stem, img, ids, scores
 
-def _results(tracks, id_maps, video_id):  # YouTube-VIS results: RLE per frame (None = absent), then tracks()
-    rles = {}
-    for j, ids in enumerate(id_maps):
-        for k in set(np.unique(ids).tolist()) - {0} | set(rles):
-            rles.setdefault(k, [None] * j).append(rle_encode(ids == k) if (ids == k).any() else None)
-    return [{"video_id": video_id, "category_id": c + 1, "score": s, "segmentations": rles[k]}
-            for k, c, s in tracks() if k in rles]
+def image_views(image, repetitions=3):
+    """Sec. 3.4 / App. A: an image (3, H, W) as a pseudo-video visiting it `repetitions` times, its
+    four 90% corner crops (TL, TR, BR, BL; resized to (H, W)) before each visit after the first."""
+    H, W = image.shape[-2:]
+    h, w = round(0.9 * H), round(0.9 * W)
+    corners = [(0, 0), (0, W - w), (H - h, W - w), (H - h, 0)]  # (top, left) of each crop
+    crops = [image[None, :, y:y + h, x:x + w] for y, x in corners]  # (1, 3, h, w) each
+    crops = [F.interpolate(c, (H, W), mode="bilinear", antialias=True)[0] for c in crops]
+    return [image] + ([c.clamp(0, 1) for c in crops] + [image]) * (repetitions - 1)
 
-def heldout_scores(model, clips, dataset="synthetic", top_k=10):
-    """Prompted J&F (frame 0's objects given, DAVIS protocol), unprompted video AP (YouTube-VIS) of data.Clip's."""
-    def run(c, mode, prompts=lambda t, stem: None):  # -> its tracks, id maps (T, H, W) of clip c
-        seg = Segmenter(model, mode, dataset, top_k)
-        return seg.tracks, np.stack([r[3] for r in segment(seg, len(c.frames), lambda t: (c.frames[t], ""), prompts)])
-    seqs, videos, anns, results = [], [], [], []
-    for v, c in enumerate(clips, 1):  # DAVIS: the objects of frame 0 get ids 1..n and are prompted there
-        gt = _id_maps(m := c.masks[c.masks[:, 0].flatten(1).any(1)], range(1, len(m) + 1))  # (T, H, W)
-        seqs.append((c.name, gt, run(c, "prompted", lambda t, _: {k: gt[0] == k for k in range(1, len(m) + 1)}
-                                     if t == 0 else None)[1]))
-        results += _results(*run(c, "unprompted"), v)
-        videos.append({"id": v, "height": c.frames.shape[2], "width": c.frames.shape[3], "length": len(c.frames)})
-        anns += _results(lambda: [(n, int(lab.clamp(min=0)), 1.0) for n, lab in enumerate(c.labels, 1)],
-                         _id_maps(c.masks, range(1, len(c.ids) + 1)), v)  # the ground truth written as results
-    cats = [{"id": k} for k in sorted({a["category_id"] for a in anns + results})]
-    anns = [dict(a, id=n) for n, a in enumerate(anns, 1)]
-    ap, jf = ytvis_ap({"videos": videos, "annotations": anns, "categories": cats}, results), davis_scores(seqs)
-    return {"J&F": jf["J&F-Mean"], "J": jf["J-Mean"], "F": jf["F-Mean"], **{k: ap[k] for k in ("AP", "AP50", "AR10")}}
+def segment_image(seg, image, stem, prompts=None, tts=3):
+    """Yield (0, stem, image, id map, scores) of image_views' last step; prompts on the first."""
+    for n, view in enumerate(image_views(image, 3 if tts is True else max(1, int(tts)))):
+        ids, scores = seg.step(view, prompts if n == 0 else None)
+    yield 0, stem, image, ids, scores
+
+def _results(outputs, T, video_id, top_k=None):
+    """YouTube-VIS results of a video's kept frames (t, id map, scores): the top_k (object,
+    category) pairs by class probability averaged over the frames the object was output
+    (Mask2Former-VIS), each with its RLE per frame (None = absent). Objects never in an id map go
+    before the cut."""
+    rles, sums, counts = {}, {}, {}
+    for t, ids, scores in outputs:
+        for k in np.unique(ids).tolist():
+            if k:
+                rles.setdefault(k, [None] * T)[t] = rle_encode(ids == k)
+        for k, p in scores.items():
+            sums[k] = sums.get(k, 0) + p
+            counts[k] = counts.get(k, 0) + 1
+    pairs = [(k, c, float(p)) for k in rles if k in sums for c, p in enumerate(sums[k] / counts[k])]
+    pairs = sorted(pairs, key=lambda pair: -pair[2])[:top_k]
+    return [{"video_id": video_id, "category_id": c + 1, "score": s, "segmentations": rles[k]}
+            for k, c, s in pairs]
+
+def _ground_truth(clip, video_id):  # a data.Clip as YouTube-VIS annotations (label < 0: category 1)
+    anns = []
+    for mask, label in zip(clip.masks, clip.labels):  # mask (T, H, W)
+        segs = [rle_encode(m.numpy()) if m.any() else None for m in mask]
+        anns.append({"video_id": video_id, "category_id": int(label.clamp(min=0)) + 1,
+                     "segmentations": segs})
+    return anns
+
+def heldout_scores(model, clips, dataset="synthetic", top_k=10, threshold=0.5, tts=False, seed=0):
+    """Prompted J&F (frame 0's objects given, DAVIS protocol), unprompted video AP (YouTube-VIS) of
+    data.Clip's; video v's Sampler is seeded by sampler_seed(seed, v)."""
+    sequences, videos, annotations, results = [], [], [], []
+    for v, clip in enumerate(clips, 1):
+        T = len(clip.frames)
+        first = clip.masks[clip.masks[:, 0].flatten(1).any(1)]  # (n, T, H, W): frame 0's objects
+        gt = _id_maps(first, range(1, len(first) + 1))  # (T, H, W): ids 1..n, prompted on frame 0
+        def frame(t):
+            return clip.frames[t], f"{t:05d}"
+        def prompts(t, stem):
+            return {k: gt[0] == k for k in range(1, len(first) + 1)} if t == 0 else None
+        options = dict(top_k=top_k, threshold=threshold, seed=sampler_seed(seed, v))
+        seg = Segmenter(model, "prompted", dataset, **options)
+        pred = sorted(segment(seg, T, frame, prompts, tts), key=lambda out: out[0])
+        sequences.append((clip.name, gt, np.stack([out[3] for out in pred])))
+        seg = Segmenter(model, "unprompted", dataset, **options)
+        kept = ((t, ids, scores) for t, _, _, ids, scores in segment(seg, T, frame, tts=tts))
+        results += _results(kept, T, v, top_k)
+        videos.append({"id": v, "height": clip.frames.shape[2], "width": clip.frames.shape[3],
+                       "length": T})
+        annotations += _ground_truth(clip, v)
+    categories = [{"id": k} for k in sorted({a["category_id"] for a in annotations + results})]
+    annotations = [dict(a, id=n) for n, a in enumerate(annotations, 1)]
+    gt = {"videos": videos, "annotations": annotations, "categories": categories}
+    ap = ytvis_ap(gt, results)
+    jf = davis_scores(sequences)
+    return {"J&F": jf["J&F-Mean"], "J": jf["J-Mean"], "F": jf["F-Mean"], "AP": ap["AP"],
+            "AP50": ap["AP50"], "AR10": ap["AR10"]}
 
 def evaluate_heldout(model, cfg):  # train.py's end-of-run hook
     return heldout_scores(model.eval(), heldout("synthetic", size=cfg.image_size))
 
-def load_model(path, device="cpu"):  # a train.py checkpoint -> AUSM in eval mode, built from the Config stored in it
+def load_model(path, device="cpu"):
+    """A train.py checkpoint -> AUSM in eval mode, built from the Config stored in it. Checkpoints
+    are data: weights_only=True refuses pickled code, so a hostile file runs nothing."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; train one with this code: "
+                                "python train.py --stage 1")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        (model := ausm.AUSM(ausm.Config(**ck["config"]))).load_state_dict(ck["model"])
-    except Exception as e:  # missing, not a checkpoint, or weights from another config
-        raise (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(
-            f"checkpoint {path}: {type(e).__name__} {' '.join(str(e).split())[:160]}; train one with this code: "
-            "python train.py --stage 1"
-            " (its weights must fit the Config saved with them)") from None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a function or class, or garbage
+        what = re.findall(r"GLOBAL ([\w.]+)", str(e))  # e.g. ["builtins.exec"]
+        why = f"it calls {what[0]} while loading" if what else "it cannot be unpickled"
+        raise ValueError(f"checkpoint {path}: refused, {why} (checkpoints are data: tensors, "
+                         "numbers, strings, lists, dicts); train one with this code: "
+                         "python train.py --stage 1") from None
+    try:
+        model = ausm.AUSM(ausm.Config(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except Exception as e:  # code in the pickle, not a checkpoint, or weights of another Config
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:120]
+        raise ValueError(f"checkpoint {path} is not a plain train.py checkpoint ({why}); train one "
+                         "with this code: python train.py --stage 1") from None
     return model.to(device).eval()
 
-def run(args):  # the inference command line: <out>/<video>/<frame>.png, <out>/results.json, <out>/<video>.gif
-    dev, ckpt = "cuda" if torch.cuda.is_available() else "cpu", Path("runs/stage2/ckpt.pt")
-    model = load_model(args.checkpoint or (ckpt if ckpt.is_file() else "runs/stage1/ckpt.pt"), dev)
-    name, T, hw, frame, gt = open_video(args.video, args.num_frames, model.cfg.image_size)
-    src, out, pal = Path(args.prompt or "."), Path(args.out), np.reshape(VOC_PALETTE, (256, 3))
-    gt, args.prompt = (gt, args.prompt) if args.mode == "prompted" else (lambda t: None, None)  # unprompted: none
-    if args.mode == "prompted" and not (src.exists() if args.prompt else gt):
-        raise FileNotFoundError(f"--prompt {args.prompt}: --mode prompted needs an existing palette PNG of frame 0 or "
-                                "a folder of <frame>.png masks (or run --mode unprompted)")
-    def prompts(t, stem):  # {id: mask} of frame t's prompt PNG (the Segmenter takes only ids it does not track)
+# ------------------------------------------------------------------- The inference command line
+def _check_args(args):  # before anything is read or written
+    counts = (("--num-frames", args.num_frames), ("--top-k", args.top_k), ("--tts", args.tts))
+    for flag, n in counts:
+        if n is not None and n < 1:
+            raise ValueError(f"{flag} {n}: give a whole number >= 1")
+    if args.gif_frames < 0:
+        raise ValueError(f"--gif-frames {args.gif_frames}: give 0 (no GIF) or more")
+    if not 0 <= args.threshold <= 1:
+        raise ValueError(f"--threshold {args.threshold}: a foreground probability, from 0 to 1")
+
+def _dataset(model, name):  # --dataset: one of the checkpoint's class heads (None: its first)
+    known = [n for n, _ in model.cfg.class_heads]
+    if name is None:
+        return known[0] if known else "synthetic"
+    if name not in known:
+        raise ValueError(f"--dataset {name}: the checkpoint has class heads for "
+                         f"{', '.join(known) or 'no dataset'}; give one of them")
+    return name
+
+def _no_prompts(t, stem):
+    return None
+
+def _prompt_reader(args, hw, gt):  # -> prompts(t, stem): {id: mask} of frame t's prompt, or None
+    if args.mode == "unprompted":
+        return _no_prompts
+    src = Path(args.prompt or ".")
+    if not (src.exists() if args.prompt else gt):
+        raise FileNotFoundError(f"--prompt {args.prompt}: --mode prompted needs an existing "
+                                "palette PNG of frame 0 or a folder of <frame>.png masks (or run "
+                                "--mode unprompted)")
+    def prompts(t, stem):
         f = src / f"{stem}.png" if src.is_dir() else src
-        ids = gt(t) if not args.prompt else read_palette_png(f) if f.is_file() and (t == 0 or f != src) else None
-        if ids is not None and ids.shape != hw:
-            raise ValueError(f"{f}: prompt is {ids.shape} (h, w), the frames of {args.video} {hw}: resize the masks")
-        return {k: ids == k for k in np.unique(ids).tolist() if k not in (0, 255)} if ids is not None else None
-    def outputs():  # write each frame's palette PNG and the first --gif-frames overlays as it goes
-        for j, (t, stem, img, ids, _) in enumerate(segment(seg, T, frame, prompts, args.tts)):
-            write_palette_png(out / name / f"{stem}.png", ids)
-            if j < args.gif_frames:  # overlay: half frame, half palette colour on objects
-                rgb = img.permute(1, 2, 0).numpy() * 255  # (H, W, 3)
-                gif.append(Image.fromarray(np.where(ids[..., None], (rgb + pal[ids % 256]) / 2, rgb).astype("uint8")))
-            yield ids
-    seg, gif, t0 = Segmenter(model, args.mode, args.dataset, args.top_k), [], time.time()
+        if not args.prompt:  # synthetic: its ground truth; objects join where first seen
+            return {k: gt(t) == k for k in np.unique(gt(t)).tolist() if k}
+        if not f.is_file() or (t > 0 and f == src):  # one PNG: frame 0's; a folder: <stem>.png
+            return None
+        ids = read_palette_png(f)
+        if ids.shape != hw:
+            raise ValueError(f"{f}: prompt is {ids.shape} (h, w), the frames of {args.video} "
+                             f"{hw}: resize the masks")
+        objects = [k for k in np.unique(ids).tolist() if k not in (0, 255)]
+        if not objects:
+            print(f"warning: {f}: the prompt of frame {stem} has no object (only 0 = background "
+                  "and 255 = void)", file=sys.stderr)
+        return {k: ids == k for k in objects}
+    return prompts
+
+def _overlay(img, ids):  # half frame, half palette colour on objects -> a PIL image
+    rgb = img.permute(1, 2, 0).numpy() * 255  # (H, W, 3)
+    colour = np.reshape(VOC_PALETTE, (256, 3))[ids % 256]  # (H, W, 3)
+    return Image.fromarray(np.where(ids[..., None], (rgb + colour) / 2, rgb).astype("uint8"))
+
+def _replace(tmp, path):  # move a finished file or folder into place; an old one goes only then
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.is_dir():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+def _write_outputs(out, name, T, outputs, args):
+    """PNGs, results.json and the GIF are written to temporary names and replace the old ones only
+    once the whole video ran: a bad frame mid-video leaves an earlier run's outputs as they were."""
+    pngs = out / f".{name}.tmp"
+    shutil.rmtree(pngs, ignore_errors=True)
+    gif = []
+    def written():  # each kept frame's palette PNG as it comes; the first --gif-frames overlays
+        for t, stem, img, ids, scores in outputs:
+            write_palette_png(pngs / f"{stem}.png", ids)
+            if len(gif) < args.gif_frames:
+                gif.append((t, _overlay(img, ids)))
+            yield t, ids, scores
+    try:
+        results = _results(written(), T, 1, args.top_k if args.mode == "unprompted" else None)
+    except BaseException:
+        shutil.rmtree(pngs, ignore_errors=True)
+        raise
+    (out / ".results.json.tmp").write_text(json.dumps(results))
+    _replace(pngs, out / name)
+    _replace(out / ".results.json.tmp", out / "results.json")
+    if gif:
+        frames = [image for _, image in sorted(gif, key=lambda g: g[0])]  # x2 yields T..1
+        frames[0].save(out / f".{name}.tmp.gif", save_all=True, append_images=frames[1:],
+                       duration=100, loop=0)
+        _replace(out / f".{name}.tmp.gif", out / f"{name}.gif")
+
+def run(args):  # writes <out>/<video>/<frame>.png, <out>/results.json, <out>/<video>.gif
+    _check_args(args)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    default = Path("runs/stage2/ckpt.pt")
+    model = load_model(args.checkpoint or (default if default.is_file() else "runs/stage1/ckpt.pt"),
+                       dev)
+    dataset = _dataset(model, args.dataset)
+    name, T, hw, frame, gt = open_video(args.video, args.num_frames, model.cfg.image_size)
+    prompts = _prompt_reader(args, hw, gt)
+    seed = sampler_seed(args.seed, 0)
+    seg = Segmenter(model, args.mode, dataset, args.top_k, args.threshold, seed)
+    if T == 1 and args.tts > 1:  # one image: Sec. 3.4's pseudo-video of image_views
+        image, stem = frame(0)
+        outputs = segment_image(seg, image, stem, prompts(0, stem), args.tts)
+    else:
+        outputs = segment(seg, T, frame, prompts, args.tts)
+    t0 = time.time()
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.json", "w") as f:  # streamed out; its RLEs are held until the video ends (the format)
-        json.dump(_results(seg.tracks, outputs(), 1), f)
-    gif[0].save(out / f"{name}.gif", save_all=True, append_images=gif[1:], duration=100, loop=0)
-    dt, rss = time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(f"{name}: {T} frames in {dt:.1f} s = {T / dt:.1f} frames/s ({args.mode}{', tts' if args.tts else ''}) | peak "
-          f"RSS {rss:.0f} MB, CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f} MB | wrote {out}/{name}/*.png, "
-          f"results.json, {name}.gif")
+    _write_outputs(out, name, T, outputs, args)
+    dt = time.time() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    cuda = torch.cuda.max_memory_allocated() / 2**20
+    print(f"{name}: {T} frames in {dt:.1f} s = {T / dt:.1f} frames/s ({args.mode}, x{args.tts}) | "
+          f"peak RSS {rss:.0f} MB, CUDA {cuda:.0f} MB | wrote {out}/{name}/*.png, results.json"
+          f"{f', {name}.gif' if args.gif_frames else ''}")
 
 # ------------------------------------------------------------------------------------ Command line
 def _davis_sequences(gt_dir):
@@ -649,7 +901,7 @@ def _read_mask_like(path, like, shape, seq):
 def _davis_read_sequence(gt_dir, pred_dir, seq):
     """One sequence's ground truth and prediction, (T, H, W) id maps each. As in
     davis2017-evaluation, only the scored frames (not the first or last) need a predicted PNG."""
-    files = sorted((gt_dir / seq).glob("*.png"))
+    files = sorted((gt_dir / seq).glob("*.png"), key=natural_key)
     if not files:
         raise FileNotFoundError(f"sequence {seq}: no ground-truth PNGs in {gt_dir / seq}")
     shape = read_palette_png(files[0]).shape    # (H, W)
@@ -717,25 +969,26 @@ def evaluate(kind, pred, gt):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="AUSM inference and benchmark scoring (paper Sec. 3).")
-    ap.add_argument("--eval", choices=("davis", "ytvis"), help="score predictions instead of running the model: "
-                    "davis = J&F per <sequence>_<object> and overall; ytvis = video AP/AR (YouTube-VIS, OVIS)")
-    ap.add_argument("--pred", help="--eval davis: folder of <sequence>/<frame>.png palette PNGs; "
-                                   "--eval ytvis: results.json (list of per-video predictions)")
-    ap.add_argument("--gt", help="--eval davis: folder of ground-truth <sequence>/<frame>.png "
-                                 "(e.g. DAVIS/Annotations/480p); --eval ytvis: the annotations JSON")
-    ap.add_argument("--checkpoint", help="train.py checkpoint (default runs/stage2/ckpt.pt, else runs/stage1/ckpt.pt)")
-    ap.add_argument("--video", default="synthetic", help="a folder of JPEG/PNG frames, an animated GIF, or synthetic")
-    ap.add_argument("--out", default="runs/infer", help="writes <out>/<video>/*.png, results.json, <video>.gif")
-    ap.add_argument("--prompt", help="frame 0's palette PNG, or a folder of <frame>.png (objects join where seen)")
-    ap.add_argument("--mode", default="prompted", choices=("prompted", "unprompted"), help="track prompts or detect")
-    ap.add_argument("--dataset", default="synthetic", help="class head to use (a name in the checkpoint's class_heads)")
-    ap.add_argument("--num-frames", type=int, help="stop after N frames (synthetic: its length, default 16)")
-    ap.add_argument("--top-k", type=int, default=10, help="unprompted: instances per frame (10 YouTube-VIS, 20 OVIS)")
-    ap.add_argument("--tts", action="store_true", help="test-time scaling (Sec. 3.4): run frames 1..T, T-1..1, 2..T "
-                    "and keep the last T; reads every frame 3 times (3x the time)")
-    ap.add_argument("--gif-frames", type=int, default=64, help="frames in the overlay GIF (they are held in memory)")
+    ap.add_argument("--eval", choices=("davis", "ytvis"), help="score predictions: J&F or AP/AR")
+    ap.add_argument("--pred", help="davis: folder of <sequence>/<frame>.png; ytvis: results.json")
+    ap.add_argument("--gt", help="davis: e.g. DAVIS/Annotations/480p; ytvis: the annotations JSON")
+    ap.add_argument("--checkpoint", help="default runs/stage2/ckpt.pt, else runs/stage1/ckpt.pt")
+    ap.add_argument("--video", default="synthetic", help="folder of JPEG/PNG frames, GIF, image")
+    ap.add_argument("--out", default="runs/infer", help="<out>/<video>/*.png, results.json, GIF")
+    ap.add_argument("--prompt", help="frame 0's palette PNG, or a folder of <frame>.png")
+    ap.add_argument("--mode", default="prompted", choices=("prompted", "unprompted"))
+    ap.add_argument("--dataset", help="a class head of the checkpoint (default: its first)")
+    ap.add_argument("--num-frames", type=int, help="stop after N frames (synthetic: default 16)")
+    ap.add_argument("--top-k", type=int, default=10, help="unprompted: objects output per frame "
+                    "and (track, category) pairs written (App. A: 10 YouTube-VIS, 20 OVIS)")
+    ap.add_argument("--threshold", type=float, default=0.5, help="unprompted: fg probability for "
+                    "an ID and for output (Alg. 1: 0.5; Table 2)")
+    ap.add_argument("--tts", type=int, nargs="?", const=3, default=1, metavar="N", help="Sec. 3.4 "
+                    "test-time scaling: N passes back and forth (alone: 3); an image: N visits")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the Sampler's draws of rows of B")
+    ap.add_argument("--gif-frames", type=int, default=64, help="overlay GIF frames (0: no GIF)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)  # measured: on this shared 2-core box a 2nd thread spin-waits (10x slower)
+    torch.set_num_threads(1)  # measured: on this shared 2-core box a 2nd thread spin-waits
     try:
         if args.eval and not (args.pred and args.gt):
             ap.error(f"--eval {args.eval} needs both --pred and --gt")
