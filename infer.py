@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ausm
-from data import (VOC_PALETTE, _read_image, heldout, natural_key, polygons_to_mask, read_palette_png,
-                  rle_area, rle_counts, rle_decode, rle_encode, write_palette_png)
+from data import (VOC_PALETTE, _read_image, heldout, natural_key, polygons_to_mask,
+                  read_palette_png, rle_area, rle_counts, rle_decode, rle_encode, write_palette_png)
 
 # ----------------------------------------------------------------------------- Metrics: DAVIS J&F
 def davis_j(pred, gt):
@@ -221,7 +221,8 @@ def _check_ground_truth(gt_dataset):
     """The annotations JSON, checked for what the AP reads -> ({video id: (height, width)},
     {video id: frames}, sorted category ids)."""
     needs = ("videos", "categories", "annotations")
-    if not isinstance(gt_dataset, dict) or not all(isinstance(gt_dataset.get(k), list) for k in needs):
+    has_lists = isinstance(gt_dataset, dict) and all(isinstance(gt_dataset.get(k), list) for k in needs)
+    if not has_lists:
         raise ValueError("ground truth: expected a JSON object with lists 'videos', 'categories' "
                          "and 'annotations' (a YouTube-VIS or OVIS annotations file)")
     sizes = {}
