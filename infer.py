@@ -221,8 +221,8 @@ def _check_ground_truth(gt_dataset):
     """The annotations JSON, checked for what the AP reads -> ({video id: (height, width)},
     {video id: frames}, sorted category ids)."""
     needs = ("videos", "categories", "annotations")
-    has_lists = isinstance(gt_dataset, dict) and all(isinstance(gt_dataset.get(k), list) for k in needs)
-    if not has_lists:
+    is_dict = isinstance(gt_dataset, dict)
+    if not is_dict or not all(isinstance(gt_dataset.get(k), list) for k in needs):
         raise ValueError("ground truth: expected a JSON object with lists 'videos', 'categories' "
                          "and 'annotations' (a YouTube-VIS or OVIS annotations file)")
     sizes = {}
