@@ -4,8 +4,8 @@ Read beside the paper and PAPER.md (the project's notes: what the paper states, 
 Implements:
   Sec. 2.1, Eq. 2   video segmentation as next-frame prediction: the outputs at frame t depend
                     on frames <= t and on the history y_0..y_{t-1} only.
-  Sec. 2.2, Alg. 1  the recurrent form: `AUSM.init_state` (the state before frame 1, with the
-                    Sampler's draw of rows of B), `AUSM.step` (l.11-14, one frame), `State`.
+  Sec. 2.2, Alg. 1  the recurrent form: `AUSM.init_state` (the state before frame 1),
+                    `AUSM.step` (l.11-14, one frame), `State`; l.15-19: infer.Segmenter.
   Sec. 2.3, Alg. 2  the parallel, teacher-forced form: `AUSM.forward` (l.4-7): the History
                     Compressor as one selective scan over T at every pixel, the rest batched
                     over the b*T frames.
@@ -596,8 +596,9 @@ class AUSM(nn.Module):
         Zero Mamba states, X_prev = X_0 tiled, no slot allocated (alloc all False, M zero: A_0 and
         M_0 empty). ids=None: the Sampler draws each video's N rows of B now (`sampler`, from
         `generator`), one per slot; else ids (batch, N) gives them (train.py: the rows that
-        train.preprocess drew). A prompted A_0 = Sampler(B, |y_0|), M_0 = m_0 is the caller's:
-        infer.Segmenter writes it into State.alloc and State.M before the first step.
+        train.preprocess drew). Allocation is the caller's: infer.Segmenter passes ids = -1 (no
+        row drawn yet) and, when an object joins (a prompt, or a detection: Alg. 1 l.17-19), draws
+        its row from B \ A_{t-1} and writes State.ids, State.alloc and State.M.
         """
         cfg = self.cfg
         dev = self.X_0.device
