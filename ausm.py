@@ -598,7 +598,7 @@ class AUSM(nn.Module):
         `generator`), one per slot; else ids (batch, N) gives them (train.py: the rows that
         train.preprocess drew). Allocation is the caller's: infer.Segmenter passes ids = -1 (no
         row drawn yet) and, when an object joins (a prompt, or a detection: Alg. 1 l.17-19), draws
-        its row from B \ A_{t-1} and writes State.ids, State.alloc and State.M.
+        its row from B \\ A_{t-1} and writes State.ids, State.alloc and State.M.
         """
         cfg = self.cfg
         dev = self.X_0.device
