@@ -42,6 +42,7 @@ import triton.language as tl  # noqa: E402
 SCAN_PATH = "auto"       # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch" | "ref"
 CHECKPOINT_EVERY = 8     # Triton backward: recompute h from a state saved every this many steps
 BLOCK_D_MAX = 128        # channels per Triton program (tests lower it to exercise several blocks)
+BWD_TILE = 1024          # backward: BLOCK_D * BLOCK_N at most this (register report: tests/aot_compile.py)
 _announced = set()
 
 
@@ -61,15 +62,18 @@ def _check(name, x, shape, device, ndim=None):
 def _validate(u, delta, A, B, C, D, z, bias, h0, step=False):
     """Check the whole argument list; return (batch, dim, dstate, groups). step=True: no L axis."""
     _check("x" if step else "u", u, None, getattr(u, "device", None), (2,) if step else (3,))
-    (batch, dim), tail = u.shape[:2], tuple(u.shape[2:])
+    batch, dim = u.shape[:2]
+    tail = tuple(u.shape[2:])                                                      # (l,), or () for a step
     _check("dt" if step else "delta", delta, u.shape, u.device)
     _check("A", A, None, u.device, (2,))
     _check("A", A, (dim, A.shape[1]), u.device)                                    # (dim, dstate)
     _check("B", B, None, u.device, (2 + len(tail), 3 + len(tail)))
-    groups, dstate = B.shape[1] if B.dim() == 3 + len(tail) else 1, A.shape[1]
+    grouped = B.dim() == 3 + len(tail)                                             # B (b, g, n, l), not (b, n, l)
+    groups = B.shape[1] if grouped else 1
+    dstate = A.shape[1]
     if dim % groups != 0:
         raise ValueError(f"dim={dim} must be divisible by groups={groups} (B has shape {tuple(B.shape)})")
-    want = ((batch, groups) if B.dim() == 3 + len(tail) else (batch,)) + (dstate,) + tail
+    want = ((batch, groups) if grouped else (batch,)) + (dstate,) + tail
     for name, x, shp in (("B", B, want), ("C", C, want), ("D", D, (dim,)), ("z", z, u.shape),
                          ("dt_bias" if step else "delta_bias", bias, (dim,)),
                          ("state" if step else "initial_state", h0, (batch, dim, dstate))):
@@ -89,7 +93,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
             for X in (B, C))                                                       # (b, d, n, l)
     deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A.to(wt)))              # (b, d, l, n)
     deltaB_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u.to(wt))             # (b, d, l, n)
-    h, ys = initial_state.to(wt) if initial_state is not None else u.new_zeros(batch, dim, dstate, dtype=wt), []
+    h = _initial(initial_state, u, batch, dim, dstate, wt)                         # (b, d, n)
+    ys = []
     for t in range(u.shape[2]):
         h = deltaA[:, :, t] * h + deltaB_u[:, :, t]                                # (b, d, n)
         ys.append(torch.einsum("bdn,bdn->bd", h, C[..., t]))                       # (b, d)
@@ -100,20 +105,43 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 def _delta(u, delta, A, B, bias, softplus):
     """The working dtype (float32, float64 if any input is) and delta + bias, softplus'ed if asked."""
     wt = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype, B.dtype) else torch.float32
-    delta = delta.to(wt) + (bias.to(wt)[:, None] if bias is not None else 0)     # (b, d, l)
-    return wt, F.softplus(delta) if softplus else delta
+    delta = delta.to(wt)                                                           # (b, d, l)
+    if bias is not None:
+        delta = delta + bias.to(wt)[:, None]
+    if softplus:
+        delta = F.softplus(delta)
+    return wt, delta
 
 
-def _gate(y, u, D, z):  # (y + D u) * silu(z), each term optional, returned in u's dtype
-    y = y + u.to(y.dtype) * D.to(y.dtype)[:, None] if D is not None else y
-    return (y * F.silu(z.to(y.dtype)) if z is not None else y).to(u.dtype)
+def _initial(h0, u, batch, dim, dstate, wt):
+    """The state before the first step: h0 in the working dtype, zeros if absent. (b, d, n)"""
+    if h0 is None:
+        return u.new_zeros(batch, dim, dstate, dtype=wt)
+    return h0.to(wt)
+
+
+def _gate(y, u, D, z):
+    """(y + D u) * silu(z), each term optional, returned in u's dtype."""
+    if D is not None:
+        y = y + u.to(y.dtype) * D.to(y.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(u.dtype)
+
+
+def _add_last_axis(v):
+    """v[..., None] (one step as a scan of length 1); None stays None."""
+    if v is None:
+        return None
+    return v[..., None]
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One step of the recurrence (the scan at L=1 from `state`); updates state in place, returns y (b, d)."""
     _validate(x, dt, A, B, C, D, z, dt_bias, state, step=True)                    # messages name x, dt, state
-    col = lambda v: None if v is None else v[..., None]                           # noqa: E731  (..., 1)
-    y, new = selective_scan_ref(col(x), col(dt), A, col(B), col(C), D, col(z), dt_bias, dt_softplus, True, state)
+    col = _add_last_axis                                                           # (..., 1)
+    y, new = selective_scan_ref(col(x), col(dt), A, col(B), col(C), D, col(z), dt_bias, dt_softplus,
+                                True, state)                                       # (b, d, 1), (b, d, n)
     state.copy_(new)
     return y[..., 0]                                                               # (b, d)
 
@@ -129,15 +157,21 @@ def _setup(A_ptr, D_ptr, bias_ptr, dim, L, dstate, dim_g, HAS_D: tl.constexpr, H
            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (b, g, block) owns channels d (BD,) of group g, all of n (BN,): masks, A (BD, BN), D, delta_bias
     (BD,; zeros if absent, by all-false masks), offsets of rows of (b, d, l), (b, g, n, l), a (b, d, n) tile."""
-    b, g = tl.program_id(0), tl.program_id(1)
-    local, n = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
-    mask_d, mask_n, d = local < dim_g, n < dstate, g * dim_g + local
-    mask = mask_d[:, None] & mask_n[None, :]
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    local = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)                     # (BD,) within group g
+    n = tl.arange(0, BLOCK_N)                                                      # (BN,)
+    mask_d = local < dim_g
+    mask_n = n < dstate
+    d = g * dim_g + local                                                          # (BD,) channel
+    mask = mask_d[:, None] & mask_n[None, :]                                       # (BD, BN)
     A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mask, other=0.0).to(tl.float32)
     Dv = tl.load(D_ptr + d, mask=mask_d & HAS_D, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + d, mask=mask_d & HAS_BIAS, other=0.0).to(tl.float32)
-    row, bc = (b * dim + d) * L, ((b * tl.num_programs(1) + g) * dstate + n) * L
-    return b, d, n, mask_d, mask_n, mask, A, Dv, bias, row, bc, (b * dim + d[:, None]) * dstate + n[None, :]
+    row = (b * dim + d) * L                                                        # (BD,) rows of (b, d, l)
+    bc = ((b * tl.num_programs(1) + g) * dstate + n) * L                           # (BN,) rows of (b, g, n, l)
+    state = (b * dim + d[:, None]) * dstate + n[None, :]                           # (BD, BN) in (b, d, n)
+    return b, d, n, mask_d, mask_n, mask, A, Dv, bias, row, bc, state
 
 
 @triton.jit
@@ -146,8 +180,10 @@ def _load_step(u_ptr, dt_ptr, B_ptr, row, bc, bias, mask_d, mask_n, SOFTPLUS: tl
     u = tl.load(u_ptr + row, mask=mask_d, other=0.0).to(tl.float32)
     raw = tl.load(dt_ptr + row, mask=mask_d, other=0.0).to(tl.float32) + bias
     Bt = tl.load(B_ptr + bc, mask=mask_n, other=0.0).to(tl.float32)
-    # softplus with torch's threshold 20; no log1p in the interpreter; clamped so that exp never overflows
-    return u, tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))), raw) if SOFTPLUS else raw, raw, Bt
+    delta = raw
+    if SOFTPLUS:  # torch's threshold 20; no log1p in the interpreter; clamped so that exp never overflows
+        delta = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))), raw)
+    return u, delta, raw, Bt
 
 
 @triton.jit
@@ -184,10 +220,11 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     checkpoint before t's segment. dA, dD, dB, dC are written as per-program partials (summed in PyTorch)."""
     b, d, n, mask_d, mask_n, mask, A, Dv, bias, row, bc, state = _setup(
         A_ptr, D_ptr, bias_ptr, dim, L, dstate, dim_g, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
-    part = ((b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)) * dstate * L \
-        + n * L                                                                    # dB, dC partial rows
+    program = (b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    part = (program * dstate + n) * L                                              # (BN,) dB, dC partial rows
     dh = tl.load(dlast_ptr + state, mask=mask, other=0.0)                         # adjoint of h_t, t = L-1
-    dA, dD = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32), tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)                            # (BD, BN)
+    dD = tl.zeros((BLOCK_D,), dtype=tl.float32)                                    # (BD,)
     for i in range(L):
         t = L - 1 - i
         seg = t // every                                                           # h_{seg*every-1} saved
@@ -226,23 +263,41 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     tl.store(dD_ptr + b * dim + d, dD, mask=mask_d)
 
 
-def _launch(u, A, B):
-    """Grid (batch, groups, dim-blocks per group), channels per group, and power-of-two block sizes."""
-    (batch, dim), dstate, groups = u.shape[:2], A.shape[1], B.shape[1]
-    block_d = min(triton.next_power_of_2(dim // groups), BLOCK_D_MAX)
-    return ((batch, groups, triton.cdiv(dim // groups, block_d)), dim // groups,
-            dict(BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate)))
+def _launch(u, A, B, backward):
+    """Grid (batch, groups, dim-blocks per group), channels per group, and the meta-parameters of a
+    launch (block sizes, warps). The one place that decides them: tests/aot_compile.py compiles what
+    this returns for every launch the code makes, and reports registers and spills."""
+    batch, dim = u.shape[:2]
+    groups = B.shape[1]
+    dim_g = dim // groups                                                          # channels per group
+    block_n = triton.next_power_of_2(A.shape[1])                                   # all of dstate
+    block_d = min(triton.next_power_of_2(dim_g), BLOCK_D_MAX)
+    if backward:                                                                   # ~12 live (BD, BN) tiles
+        block_d = max(1, min(block_d, BWD_TILE // block_n))
+    grid = (batch, groups, triton.cdiv(dim_g, block_d))
+    return grid, dim_g, dict(BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4)
+
+
+def _flags(D, z, bias, h0, softplus):
+    """The kernels' constexpr switches: which optional inputs are present."""
+    return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
+                SOFTPLUS=bool(softplus), HAS_H0=h0 is not None)
+
+
+def _or_u(u, *xs):
+    """Absent optional inputs become u: a valid pointer the kernels never read (their HAS_ flag is off)."""
+    return [u if x is None else x for x in xs]
 
 
 def _forward(u, delta, A, B, C, D, z, bias, h0, softplus, ckpt):
     """Run the forward kernel; ckpt (b, cdiv(L, CHECKPOINT_EVERY), d, n) receives the checkpoints."""
-    grid, dim_g, blocks = _launch(u, A, B)
+    grid, dim_g, meta = _launch(u, A, B, backward=False)
+    batch, dim, L = u.shape
     out = torch.empty_like(u)                                                      # (b, d, l)
-    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=bool(softplus),
-                 HAS_H0=h0 is not None, every=CHECKPOINT_EVERY, **blocks)
-    _scan_fwd_kernel[grid](u, delta, A, B, C, *[x if x is not None else u for x in (D, z, bias, h0)], out, ckpt,
-                           u.shape[1], u.shape[2], A.shape[1], dim_g, ckpt.shape[1], **flags)
-    return out, flags
+    _scan_fwd_kernel[grid](u, delta, A, B, C, *_or_u(u, D, z, bias, h0), out, ckpt,
+                           dim, L, A.shape[1], dim_g, ckpt.shape[1], CHECKPOINT_EVERY,
+                           **_flags(D, z, bias, h0, softplus), **meta)
+    return out
 
 
 class _ScanTriton(torch.autograd.Function):
@@ -251,24 +306,31 @@ class _ScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, bias, h0, softplus):
         batch, dim, L = u.shape
-        ckpt = u.new_empty(batch, triton.cdiv(L, CHECKPOINT_EVERY), dim, A.shape[1], dtype=torch.float32)
-        out, ctx.flags = _forward(u, delta, A, B, C, D, z, bias, h0, softplus, ckpt)
-        ctx.save_for_backward(u, delta, A, B, C, *[x if x is not None else u for x in (D, z, bias, h0)], ckpt)
+        n_ckpt = triton.cdiv(L, CHECKPOINT_EVERY)
+        ckpt = u.new_empty(batch, n_ckpt, dim, A.shape[1], dtype=torch.float32)   # (b, n_ckpt, d, n)
+        out = _forward(u, delta, A, B, C, D, z, bias, h0, softplus, ckpt)
+        ctx.flags = _flags(D, z, bias, h0, softplus)
+        ctx.every = CHECKPOINT_EVERY
+        ctx.save_for_backward(u, delta, A, B, C, *_or_u(u, D, z, bias, h0), ckpt)
         return out, ckpt[:, -1]                                                    # y, last state (b, d, n)
 
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, bias, h0, ckpt = ctx.saved_tensors
-        (batch, dim, L), dstate, f = u.shape, A.shape[1], ctx.flags
-        grid, dim_g, _ = _launch(u, A, B)
+        batch, dim, L = u.shape
+        dstate = A.shape[1]
+        grid, dim_g, meta = _launch(u, A, B, backward=True)
         du, ddelta, dz = u.new_empty(3, batch, dim, L, dtype=torch.float32)        # (b, d, l) each
-        (dA, dh0), dD = u.new_empty(2, batch, dim, dstate, dtype=torch.float32), du.new_empty(batch, dim)  # dA, dD:
-        dB, dC = u.new_empty(2, *grid, dstate, L, dtype=torch.float32)            # per-batch, per-program partials
-        _scan_bwd_kernel[grid](u, delta, A, B, C, D, z, bias, h0, ckpt, dout.contiguous(), dlast.float().contiguous(),
-                               du, ddelta, dA, dB, dC, dD, dz, dh0, dim, L, dstate, dim_g, ckpt.shape[1], **f)
+        dA, dh0 = u.new_empty(2, batch, dim, dstate, dtype=torch.float32)          # (b, d, n): dA per batch
+        dD = du.new_empty(batch, dim)                                              # (b, d): per batch
+        dB, dC = u.new_empty(2, *grid, dstate, L, dtype=torch.float32)            # per-program partials
+        _scan_bwd_kernel[grid](u, delta, A, B, C, D, z, bias, h0, ckpt, dout.contiguous(),
+                               dlast.float().contiguous(), du, ddelta, dA, dB, dC, dD, dz, dh0,
+                               dim, L, dstate, dim_g, ckpt.shape[1], ctx.every, **ctx.flags, **meta)
         grads = (du, ddelta, dA.sum(0), dB.sum(2), dC.sum(2), dD.sum(0), dz, ddelta.sum((0, 2)), dh0)
-        ins = (u, delta, A, B, C, D, z, bias, h0)                                   # grads in the inputs' dtypes
-        return tuple(g.to(x.dtype) if k else None for g, x, k in zip(grads, ins, ctx.needs_input_grad)) + (None,)
+        ins = (u, delta, A, B, C, D, z, bias, h0)                                  # grads in the inputs' dtypes
+        wanted = zip(grads, ins, ctx.needs_input_grad)
+        return tuple(g.to(x.dtype) if needed else None for g, x, needed in wanted) + (None,)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -285,12 +347,14 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     """One step: the forward kernel at L = 1 reads its initial state from `state` and writes its last state
     (its only checkpoint) back into it -- in place, as each program reads its own tile before writing it."""
     _validate(x, dt, A, B, C, D, z, dt_bias, state, step=True)
-    s, (B, C) = state.contiguous(), (v[:, None] if v.dim() == 2 else v for v in (B, C))   # B, C (b, g, n)
+    s = state.contiguous()                                                         # (b, d, n)
+    B, C = (v[:, None] if v.dim() == 2 else v for v in (B, C))                    # (b, g, n)
     x, dt, A, B, C, D, z, dt_bias = (None if v is None else v.contiguous() for v in (x, dt, A, B, C, D, z, dt_bias))
-    y, _ = _forward(x[..., None], dt[..., None], A, B[..., None], C[..., None], D,
-                    None if z is None else z[..., None], dt_bias, s, dt_softplus, s[:, None])   # (b, d, 1)
-    state.copy_(s) if s is not state else None
-    return y[..., 0]
+    col = _add_last_axis                                                           # (..., 1): L = 1
+    y = _forward(col(x), col(dt), A, col(B), col(C), D, col(z), dt_bias, s, dt_softplus, s[:, None])  # (b, d, 1)
+    if s is not state:
+        state.copy_(s)
+    return y[..., 0]                                                               # (b, d)
 
 
 # ----------------------------------------------------------------------------- CPU fast path
