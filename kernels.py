@@ -420,15 +420,19 @@ def _chunk_states(u, delta, A, B, h0):
         yield rows, H, At, work[:, :, :bc]
 
 
+def _time_major(x, wt):
+    """(b, d, l) -> (l, b, d), contiguous, in the working dtype."""
+    return x.to(wt).movedim(-1, 0).contiguous()
+
+
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False, initial_state=None):
     """Same contract as selective_scan_ref; the CPU fast path. Bias, softplus, D and z stay in autograd."""
     batch, dim, dstate, groups = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
     wt, dl = _delta(u, delta, A, B, delta_bias, delta_softplus)                   # (b, d, l)
     h0 = initial_state.to(wt) if initial_state is not None else u.new_zeros(batch, dim, dstate, dtype=wt)
-    tm = lambda x: x.to(wt).movedim(-1, 0).contiguous()                          # noqa: E731  (l, b, ...)
     BC = [(x if x.dim() == 4 else x[:, None]).to(wt).permute(3, 2, 0, 1).contiguous() for x in (B, C)]  # l n b g
-    y, last = _ScanTorch.apply(tm(u), tm(dl), A.to(wt).contiguous(), *BC, h0.permute(2, 0, 1).contiguous())
+    y, last = _ScanTorch.apply(_time_major(u, wt), _time_major(dl, wt), A.to(wt).contiguous(), *BC, h0.permute(2, 0, 1).contiguous())
     y, last = _gate(y.permute(1, 2, 0), u, D, z), last.permute(1, 2, 0)            # (b, d, l), (b, d, n)
     return (y, last) if return_last_state else y
 
@@ -461,19 +465,27 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 def _inputs(batch, dim, L, dstate=16, device="cpu"):
     """Inputs like the History Compressor's: S4D-real A = -(1..n), softplus'ed delta with a bias, D, z."""
     torch.manual_seed(0)
-    r = lambda *s: torch.randn(*s, device=device)                                 # noqa: E731
+    u = torch.randn(batch, dim, L, device=device)
+    delta = torch.randn(batch, dim, L, device=device) - 3
     A = -torch.arange(1, dstate + 1, device=device).float().repeat(dim, 1)        # (d, n)
-    return [r(batch, dim, L), r(batch, dim, L) - 3, A, r(batch, dstate, L), r(batch, dstate, L), r(dim),
-            r(batch, dim, L), r(dim) * 0.1, True]                                  # u delta A B C D z bias softplus
+    B = torch.randn(batch, dstate, L, device=device)
+    C = torch.randn(batch, dstate, L, device=device)
+    D = torch.randn(dim, device=device)
+    z = torch.randn(batch, dim, L, device=device)
+    bias = torch.randn(dim, device=device) * 0.1
+    return [u, delta, A, B, C, D, z, bias, True]                                   # ..., softplus
 
 
 def _time_ms(fn, args, backward, reps):
     best = float("inf")                                                            # fastest of reps, in ms
     for _ in range(reps):
         x = [a.detach().requires_grad_(backward) if torch.is_tensor(a) else a for a in args]
-        t0, y = time.perf_counter(), fn(*x)
-        y.backward(torch.ones_like(y)) if backward else None
-        torch.cuda.synchronize() if y.is_cuda else None
+        t0 = time.perf_counter()
+        y = fn(*x)
+        if backward:
+            y.backward(torch.ones_like(y))
+        if y.is_cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best * 1e3
 
@@ -485,16 +497,18 @@ def main():
     p.add_argument("--quick", action="store_true", help="only batch 512 (2 clips x 16 x 16 pixels)")
     p.add_argument("--reps", type=int, default=2, help="timed runs per cell; the table shows the fastest")
     p.add_argument("--ref-max", type=float, default=1.1e6, help="time the reference loop only up to this batch*dim*L")
-    args, dev = p.parse_args(), "cuda" if torch.cuda.is_available() else "cpu"
+    args = p.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    triton_name = "triton" if dev == "cuda" else "triton (interpreter)"
     paths = {"ref (autograd loop)": selective_scan_ref, "torch (fast path)": selective_scan_torch,
-             "triton" + " (interpreter)" * (dev == "cpu"): selective_scan_triton}
+             triton_name: selective_scan_triton}
     for name, fn in list(paths.items())[1:]:                                       # 1) correctness
         err = (fn(*_inputs(3, 8, 5, 4, dev)) - selective_scan_ref(*_inputs(3, 8, 5, 4, dev))).abs().max().item()
         print(f"{name:24s} max |y - y_ref| = {err:.1e}  {'ok' if err < 1e-4 else 'WRONG'}")
     paths = {k: v for k, v in paths.items() if dev == "cuda" or "interpreter" not in k}  # meaningless timings
     print(f"\n{'batch':>6s} {'dim':>4s} {'L':>3s}" + "".join(f"{n + ' fwd / fwd+bwd ms':>42s}" for n in paths))
-    for batch, dim, L in [(b, d, L) for b in (512,) + (2048,) * (not args.quick) for d in (128, 512)
-                          for L in (3, 5, 16)]:                                    # 2) benchmark
+    batches = (512,) if args.quick else (512, 2048)
+    for batch, dim, L in [(b, d, L) for b in batches for d in (128, 512) for L in (3, 5, 16)]:  # 2) benchmark
         x, cells = _inputs(batch, dim, L, 16, dev), ""
         for fn in paths.values():
             skip = fn is selective_scan_ref and batch * dim * L > args.ref_max
@@ -502,7 +516,7 @@ def main():
                 *(_time_ms(fn, x, bwd, args.reps) for bwd in (False, True)))
         nbytes = 4 * (4 * batch * dim * L + 2 * batch * 16 * L + batch * dim * 16 * -(-L // CHECKPOINT_EVERY))
         gbs = f"  triton fwd {nbytes / _time_ms(paths['triton'], x, False, 3) / 1e6:.0f} GB/s" if dev == "cuda" else ""
-        print(f"{batch:6d} {dim:4d} {L:3d}" + cells + gbs, flush=True)                # vs peak: H100 SXM 3350
+        print(f"{batch:6d} {dim:4d} {L:3d}" + cells + gbs, flush=True)  # vs the device's peak: tests/gpu_check.py
     if not args.quick:                                                             # 3) the 10x target
         x = _inputs(2048, 128, 16, 16, dev)
         ref, fast = (_time_ms(fn, x, True, args.reps) for fn in (selective_scan_ref, selective_scan_torch))
