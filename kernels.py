@@ -381,11 +381,17 @@ class _ScanTorch(torch.autograd.Function):
     def backward(ctx, dy, dlast):
         u, delta, A, B, C, h0 = ctx.saved_tensors
         (L, batch, dim), n, g = u.shape, A.shape[1], B.shape[3]
-        du, ddelta, dB, dC = torch.empty_like(u), torch.empty_like(u), torch.empty_like(B), torch.empty_like(C)
-        dA, dh0, An = u.new_zeros(n, 1, g, dim // g), torch.empty_like(h0), A.t().reshape(n, 1, g, -1)
+        du = torch.empty_like(u)                                                   # (l, b, d)
+        ddelta = torch.empty_like(u)                                               # (l, b, d)
+        dB = torch.empty_like(B)                                                   # (l, n, b, g)
+        dC = torch.empty_like(C)                                                   # (l, n, b, g)
+        dA = u.new_zeros(n, 1, g, dim // g)                                        # (n, 1, g, dg)
+        dh0 = torch.empty_like(h0)                                                 # (n, b, d)
+        An = A.t().reshape(n, 1, g, -1)                                            # (n, 1, g, dg)
         for rows, Hs, As, (dh, dA_c, tmp) in _chunk_states(u, delta, A, B, h0):
             shp = (1,) + dh.shape[1:]                                              # (1, bc, g, dg)
-            dh.copy_(dlast[:, rows].view(dh.shape)), dA_c.zero_()                  # adjoint of h_{L-1}
+            dh.copy_(dlast[:, rows].view(dh.shape))                                # adjoint of h_{L-1}
+            dA_c.zero_()
             for t in range(L - 1, -1, -1):                                         # reverse-time scan
                 dyt, dlt, ut = dy[t, rows].view(shp), delta[t, rows].view(shp), u[t, rows].view(shp)
                 Bt, Ct = B[t, :, rows, :, None], C[t, :, rows, :, None]            # (n, bc, g, 1)
@@ -407,10 +413,12 @@ def _chunk_states(u, delta, A, B, h0):
     """For each batch chunk: its rows, its states Hs = h_{-1..L-1} (L+1, n, bc, g, dg), As = a_t (L, n, bc, g,
     dg) with a_t = exp(delta_t A) = exp2(delta_t A log2 e), and 3 scratch states. Buffers are reused."""
     (L, batch, dim), n, g = u.shape, A.shape[1], B.shape[3]
-    A2, step = (A * 1.4426950408889634).t().reshape(n, 1, g, -1), max(1, TORCH_CHUNK // (dim * n))
+    A2 = (A * 1.4426950408889634).t().reshape(n, 1, g, -1)                         # (n, 1, g, dg)
+    step = max(1, TORCH_CHUNK // (dim * n))                                        # sequences per chunk
     Hs, As, work = (u.new_empty(k, n, min(step, batch), g, dim // g) for k in (L + 1, L, 3))
     for b0 in range(0, batch, step):
-        rows, bc = slice(b0, b0 + step), min(step, batch - b0)
+        rows = slice(b0, b0 + step)
+        bc = min(step, batch - b0)                                                 # sequences in this chunk
         H, At = Hs[:, :, :bc], As[:, :, :bc]                                       # this chunk's part
         H[0] = h0[:, rows].view(n, bc, g, -1)
         for t in range(L):
@@ -430,10 +438,12 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     """Same contract as selective_scan_ref; the CPU fast path. Bias, softplus, D and z stay in autograd."""
     batch, dim, dstate, groups = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
     wt, dl = _delta(u, delta, A, B, delta_bias, delta_softplus)                   # (b, d, l)
-    h0 = initial_state.to(wt) if initial_state is not None else u.new_zeros(batch, dim, dstate, dtype=wt)
+    h0 = _initial(initial_state, u, batch, dim, dstate, wt)                        # (b, d, n)
     BC = [(x if x.dim() == 4 else x[:, None]).to(wt).permute(3, 2, 0, 1).contiguous() for x in (B, C)]  # l n b g
-    y, last = _ScanTorch.apply(_time_major(u, wt), _time_major(dl, wt), A.to(wt).contiguous(), *BC, h0.permute(2, 0, 1).contiguous())
-    y, last = _gate(y.permute(1, 2, 0), u, D, z), last.permute(1, 2, 0)            # (b, d, l), (b, d, n)
+    h0 = h0.permute(2, 0, 1).contiguous()                                          # (n, b, d)
+    y, last = _ScanTorch.apply(_time_major(u, wt), _time_major(dl, wt), A.to(wt).contiguous(), *BC, h0)
+    y = _gate(y.permute(1, 2, 0), u, D, z)                                         # (b, d, l)
+    last = last.permute(1, 2, 0)                                                   # (b, d, n)
     return (y, last) if return_last_state else y
 
 

@@ -1,22 +1,24 @@
-"""Compile every Triton kernel launch of kernels.py ahead of time, for GPUs this machine need not have.
+"""Compile every Triton kernel launch of kernels.py ahead of time, for GPUs this machine need not
+have.
 
     python tests/aot_compile.py            # the quick subset (the default test suite runs this)
     python tests/aot_compile.py --full     # every launch x every target (tests marked slow)
 
-The launches are not listed by hand: kernels.py's own launch code runs with each @triton.jit kernel
-replaced by a recorder, driven by (1) ausm.Mamba at the model's shapes (Config.tiny / Config.paper, the
-frames of train.PRESETS), in float32 and under the bfloat16 autocast training uses, and (2) the public
-functions with every subset of the optional inputs in float32, float16 and bfloat16 (quick: all inputs,
-float16 and bfloat16). Quick: the tiny model at stage 1's frames; sm_90, and sm_80 / gfx90a for autocast.
-Each recorded launch (its arguments, constexprs and num_warps) is compiled by triton.compile for
-sm_90, sm_80 and gfx90a, specialised exactly as Triton specialises a real launch. The table gives the
-registers per thread and the bytes spilled (ptxas -v for CUDA, the AMDGCN listing for HIP).
+The launches are not listed by hand: kernels.py's own launch code runs with each @triton.jit
+kernel replaced by a recorder, driven by (1) ausm.Mamba at the model's shapes (Config.tiny /
+Config.paper, the frames of train.PRESETS), in float32 and under the bfloat16 autocast training
+uses, and (2) the public functions with every subset of the optional inputs in float32, float16
+and bfloat16 (quick: all inputs, float16 and bfloat16). Quick: the tiny model at stage 1's
+frames; sm_90, and sm_80 / gfx90a for autocast. Each recorded launch (its arguments, constexprs
+and num_warps) is compiled by triton.compile for sm_90, sm_80 and gfx90a, specialised exactly as
+Triton specialises a real launch. The table gives the registers per thread and the bytes spilled
+(ptxas -v for CUDA, the AMDGCN listing for HIP).
 
-Exit status 1 when a launch does not compile, or when one of the model's launches spills on a CUDA
-target. Must run without TRITON_INTERPRET (the interpreter replaces the kernels): tests/test_compile.py
-runs it in a subprocess. The CUDA and HIP launches the model makes are the same on a CPU: autocast
-gives the same dtypes (Linear -> bfloat16, the rest float32 by type promotion).
-"""
+Exit status 1 when a launch does not compile, or when one of the model's launches spills on a
+CUDA target. Must run without TRITON_INTERPRET (the interpreter replaces the kernels):
+tests/test_compile.py runs it in a subprocess. The CUDA and HIP launches the model makes are the
+same on a CPU: autocast gives the same dtypes (Linear -> bfloat16, the rest float32 by type
+promotion)."""
 import argparse
 import contextlib
 import functools
@@ -30,7 +32,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    sys.exit("error: unset TRITON_INTERPRET: the interpreter replaces the kernels this script compiles")
+    sys.exit("error: unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -48,7 +50,8 @@ OPTIONAL = ("D", "z", "delta_bias", "softplus", "initial_state")
 
 # ----------------------------------------------------------------------------- recording launches
 class Recorder:
-    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the launch, runs nothing."""
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the launch, runs
+    nothing."""
 
     def __init__(self, kernel, launches, scenario):
         self.kernel = kernel
@@ -59,15 +62,20 @@ class Recorder:
         return functools.partial(self.launch, grid)
 
     def launch(self, grid, *args, **kwargs):
-        self.launches.append(dict(kernel=self.kernel, args=args, kwargs=kwargs, scenario=self.scenario))
+        launch = dict(kernel=self.kernel, args=args, kwargs=kwargs, scenario=self.scenario)
+        self.launches.append(launch)
 
 
 @contextlib.contextmanager
 def recording(launches, scenario):
-    """Replace every kernel of kernels.py by a Recorder (and put them back: the compiler reads them)."""
-    found = {k: v for k, v in vars(kernels).items() if isinstance(v, JITFunction) and k.endswith("_kernel")}
+    """Replace every kernel of kernels.py by a Recorder (and put them back: the compiler reads
+    them)."""
+    found = {}
+    for name, value in vars(kernels).items():
+        if isinstance(value, JITFunction) and name.endswith("_kernel"):
+            found[name] = value
     old_path = kernels.SCAN_PATH
-    kernels.SCAN_PATH = "triton"                                                  # the model on a CPU
+    kernels.SCAN_PATH = "triton"  # the model on a CPU
     try:
         for name, kernel in found.items():
             setattr(kernels, name, Recorder(kernel, launches, scenario))
@@ -82,7 +90,7 @@ def model_scenarios(full):
     """(name, config, frames T): the model's shapes; quick = the tiny model at stage 1's frames."""
     configs = [("tiny", ausm.Config.tiny())]
     frames = [train.PRESETS["tiny"]["frames"][1]]
-    if full:                                                                       # and larger states
+    if full:  # and larger states
         configs.append(("paper", ausm.Config.paper()))
         configs.append(("tiny N=32", ausm.Config.tiny(d_state=32)))
         configs.append(("tiny N=64", ausm.Config.tiny(d_state=64)))
@@ -92,8 +100,8 @@ def model_scenarios(full):
 
 
 def record_model(launches, full):
-    """ausm.Mamba's forward + backward (Alg. 2 training), step with grad (--iterative) and step without
-    (Alg. 1 inference), each in float32 and under the bfloat16 autocast of train.py on CUDA."""
+    """ausm.Mamba's forward + backward (Alg. 2 training), step with grad (--iterative) and step
+    without (Alg. 1 inference), each in float32 and under the bfloat16 autocast of train.py."""
     torch.manual_seed(0)
     for (name, cfg, T), autocast in itertools.product(model_scenarios(full), (False, True)):
         mamba = ausm.Mamba(cfg.D, cfg.d_state, cfg.expand, cfg.d_conv)
@@ -111,9 +119,9 @@ def record_model(launches, full):
 
 
 def record_api(launches, full):
-    """selective_scan_triton (forward + backward) and selective_state_update_triton with every subset of
-    the optional inputs (quick: all of them), every input in one dtype (quick: float16, bfloat16), at the
-    tiny model's channels and state size."""
+    """selective_scan_triton (forward + backward) and selective_state_update_triton with every
+    subset of the optional inputs (quick: all of them), every input in one dtype (quick: float16,
+    bfloat16), at the tiny model's channels and state size."""
     cfg = ausm.Config.tiny()
     batch, dim, L, dstate = 2, cfg.expand * cfg.D, 3, cfg.d_state
     dtypes = (torch.float16, torch.bfloat16)
@@ -123,14 +131,15 @@ def record_api(launches, full):
         subsets = list(itertools.product((False, True), repeat=len(OPTIONAL)))
     for dtype, present in itertools.product(dtypes, subsets):
         x = scan_inputs(batch, dim, L, dstate, dtype, dict(zip(OPTIONAL, present)))
-        tag = str(dtype).replace("torch.", "") + " " + "".join(k[0] for k, p in zip(OPTIONAL, present) if p)
+        letters = "".join(k[0] for k, p in zip(OPTIONAL, present) if p)
+        tag = str(dtype).replace("torch.", "") + " " + letters
         with recording(launches, f"api {tag} scan+backward"):
             kernels.selective_scan_triton(**x).sum().backward()
         state = torch.zeros(batch, dim, dstate, dtype=dtype)                      # (b, d, n)
         with recording(launches, f"api {tag} state update"), torch.no_grad():
-            kernels.selective_state_update_triton(state, x["u"][..., 0], x["delta"][..., 0], x["A"],
-                                                  x["B"][..., 0], x["C"][..., 0], x["D"],
-                                                  first_step(x["z"]), x["delta_bias"], x["delta_softplus"])
+            kernels.selective_state_update_triton(
+                state, x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0], x["C"][..., 0],
+                x["D"], first_step(x["z"]), x["delta_bias"], x["delta_softplus"])
 
 
 def first_step(v):
@@ -142,8 +151,9 @@ def first_step(v):
 
 def scan_inputs(batch, dim, L, dstate, dtype, present):
     """Keyword arguments of selective_scan_triton; the optional ones where present[name]."""
-    x = dict(u=torch.randn(batch, dim, L), delta=torch.rand(batch, dim, L), A=-torch.rand(dim, dstate),
-             B=torch.randn(batch, dstate, L), C=torch.randn(batch, dstate, L))
+    x = dict(u=torch.randn(batch, dim, L), delta=torch.rand(batch, dim, L),
+             A=-torch.rand(dim, dstate), B=torch.randn(batch, dstate, L),
+             C=torch.randn(batch, dstate, L))
     x["D"] = torch.randn(dim) if present["D"] else None
     x["z"] = torch.randn(batch, dim, L) if present["z"] else None
     x["delta_bias"] = torch.randn(dim) if present["delta_bias"] else None
@@ -155,29 +165,31 @@ def scan_inputs(batch, dim, L, dstate, dtype, present):
 
 # ----------------------------------------------------------------------------- compiling
 def compile_launch(launch, target):
-    """Compile one recorded launch for `target` as Triton would at the launch; return (kernel, ptxas log).
+    """Compile one recorded launch for `target` as Triton would at the launch; return (kernel, ptxas
+    log).
 
-    Private Triton details live here only (Triton 3.9): the launch binder and `_pack_args` turn the
-    arguments into the signature, constexprs (ints equal to 1 included), alignment attributes and
-    options a real launch gets; TRITON_DUMP_PTXAS_LOG makes the CUDA backend print its ptxas -v, and
-    TRITON_ALWAYS_COMPILE makes it run ptxas even when the kernel is in Triton's cache."""
+    Private Triton details live here only (Triton 3.9): the launch binder and `_pack_args` turn
+    the arguments into the signature, constexprs (ints equal to 1 included), alignment attributes
+    and options a real launch gets; TRITON_DUMP_PTXAS_LOG makes the CUDA backend print its ptxas
+    -v, and TRITON_ALWAYS_COMPILE makes it run ptxas even when the kernel is in Triton's cache."""
     kernel = launch["kernel"]
     backend = triton.compiler.make_backend(target)
-    binder = triton.runtime.jit.create_function_from_signature(kernel.signature, kernel.params, backend)
+    binder = triton.runtime.jit.create_function_from_signature(kernel.signature, kernel.params,
+                                                                backend)
     bound, specialization, options = binder(*launch["args"], **launch["kwargs"])
     options, signature, constexprs, attrs = kernel._pack_args(backend, launch["kwargs"], bound,
                                                               specialization, options)
     source = triton.compiler.ASTSource(kernel, signature, constexprs, attrs)
     log = io.StringIO()
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-    os.environ["TRITON_ALWAYS_COMPILE"] = "1"                                     # a cache hit has no log
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit has no log
     with contextlib.redirect_stdout(log):
         compiled = triton.compile(source, target=target, options=options.__dict__)
     return compiled, log.getvalue()
 
 
 def registers_and_spills(compiled, log):
-    """Registers per thread and bytes spilled (stores + loads on CUDA, VGPR + SGPR spill count on HIP)."""
+    """Registers per thread and bytes spilled (CUDA: stores + loads; HIP: VGPR + SGPR spills)."""
     if "amdgcn" in compiled.asm:
         text = compiled.asm["amdgcn"]
         regs = int(re.search(r"\.vgpr_count:\s+(\d+)", text).group(1))
@@ -195,9 +207,10 @@ def describe(launch):
     named = dict(zip(kernel.arg_names, launch["args"]))
     named.update(launch["kwargs"])
     shown = [k for k in ("u_ptr", "dt_ptr", "B_ptr", "A_ptr") if k in named]
-    if not shown:                                                                  # another kernel: its tensors
+    if not shown:  # another kernel: its tensors
         shown = [k for k in kernel.arg_names if torch.is_tensor(named.get(k))]
-    dtypes = "/".join(str(named[k].dtype).replace("torch.", "").replace("float", "f") for k in shown)
+    names = [str(named[k].dtype).replace("torch.", "").replace("float", "f") for k in shown]
+    dtypes = "/".join(names)
     switches = ("HAS_D", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "HAS_H0")
     flags = "".join(k[4] if k.startswith("HAS_") else "s" for k in switches if named.get(k))
     blocks = f"{named.get('BLOCK_D', '-')}x{named.get('BLOCK_N', '-')} w{named.get('num_warps', 4)}"
@@ -205,7 +218,7 @@ def describe(launch):
 
 
 def last_line(error):
-    """The line of a compiler error that says what is wrong (Triton puts it after the source excerpt)."""
+    """The line of a compiler error that says what is wrong (Triton puts it after the source)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
@@ -213,8 +226,8 @@ def last_line(error):
 
 
 def unique(launches):
-    """One launch per kernel, dtypes, constexprs and integer specialisation (== 1, divisible by 16, as
-    Triton specialises them): the rest compile to the same code."""
+    """One launch per kernel, dtypes, constexprs and integer specialisation (== 1, divisible by
+    16, as Triton specialises them): the rest compile to the same code."""
     seen = {}
     for launch in launches:
         ints = tuple((v == 1, v % 16 == 0) for v in launch["args"] if isinstance(v, int))
@@ -226,7 +239,8 @@ def unique(launches):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--full", action="store_true", help="every launch for every target (minutes)")
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of " + ", ".join(TARGETS))
+    p.add_argument("--targets", default=",".join(TARGETS),
+                   help="comma-separated subset of " + ", ".join(TARGETS))
     p.add_argument("--kernel", default="", help="only kernels whose name contains this (e.g. bwd)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -237,7 +251,7 @@ def main(argv=None):
     in_model = {id(x) for x in model}
     todo = [(x, t) for x in model for t in TARGETS]
     todo += [(x, t) for x in unique(launches) if id(x) not in in_model for t in TARGETS]
-    if not args.full:                                                              # bf16 autocast: every target
+    if not args.full:  # bf16 autocast: every target
         todo = [(x, t) for x, t in todo if t == "sm_90" or "autocast" in x["scenario"]]
     targets = args.targets.split(",")
     todo = [(x, t) for x, t in todo if t in targets and args.kernel in x["kernel"].__name__]
@@ -259,15 +273,17 @@ def report(todo):
         row = f"| {name:16s} | {target:6s} | {dtypes:19s} | {constexprs:16s} |"
         try:
             regs, spills = registers_and_spills(*compile_launch(launch, TARGETS[target]))
-        except Exception as e:                                                     # the compiler's message
+        except Exception as e:  # the compiler's message
             first = last_line(e)
-            failures.append(f"error: {name} for {target}, {dtypes}, {constexprs} does not compile: {first}")
+            failures.append(f"error: {name} for {target}, {dtypes}, {constexprs} does not compile: "
+                            f"{first}")
             print(f"{row} FAILED ({launch['scenario']}): {first}", flush=True)
             continue
         print(f"{row} {regs:4d} | {spills:7d} | {launch['scenario']}", flush=True)
         if spills and launch["scenario"].startswith("model") and target.startswith("sm"):
-            failures.append(f"error: {name} spills {spills} bytes on {target} at the model's launch "
-                            f"{launch['scenario']} ({dtypes}, {constexprs}): lower kernels.BWD_TILE")
+            failures.append(f"error: {name} spills {spills} bytes on {target} at the model's "
+                            f"launch {launch['scenario']} ({dtypes}, {constexprs}): lower "
+                            f"kernels.BWD_TILE")
     return failures
 
 

@@ -1,14 +1,13 @@
-"""One command for a machine with a CUDA GPU: the kernels' tests there, the scan's bandwidth against the
-device's peak, train.py's Fig. 4 benchmark and a few iterations of the paper preset. Under 8 minutes on
-one H200; prints a Markdown table for the README.
+"""One command for a machine with a CUDA GPU: the kernels' tests there, the scan's bandwidth against
+the device's peak, train.py's Fig. 4 benchmark and a few iterations of the paper preset. Under 8
+minutes on one H200; prints a Markdown table for the README.
 
     python tests/gpu_check.py [--iters 6]
 
 Peak bandwidth is read from the device: 2 (double data rate) x memory clock x bus width / 8, from
-torch.cuda.get_device_properties (memory_clock_rate in kHz, memory_bus_width in bits). The scan's bytes
-are what the forward must move at least (kernels.py's header): its inputs, its output and its fp32
-checkpoints, each once; GB/s = those bytes / the median time of the forward kernel.
-"""
+torch.cuda.get_device_properties (memory_clock_rate in kHz, memory_bus_width in bits). The scan's
+bytes are what the forward must move at least (kernels.py's header): its inputs, its output and
+its fp32 checkpoints, each once; GB/s = those bytes / the median time of the forward kernel."""
 import argparse
 import os
 import re
@@ -43,17 +42,18 @@ def peak_bandwidth(device):
 
 
 def run(cmd, timeout, rows, label):
-    """Run cmd from the repository root; its output's last lines are printed; rc appended to rows."""
+    """Run cmd from the repository root, print its output's last lines, add its status to rows."""
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         out = proc.stdout + proc.stderr
         status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    except subprocess.TimeoutExpired as e:                                         # e.stdout: bytes or None
+        out = (e.stdout or b"").decode(errors="replace")
         status = f"TIMED OUT after {timeout} s"
     seconds = time.perf_counter() - t0
-    print(f"\n$ {' '.join(cmd)}   [{status}, {seconds:.0f} s]\n" + "\n".join(out.splitlines()[-25:]), flush=True)
+    print(f"\n$ {' '.join(cmd)}   [{status}, {seconds:.0f} s]", flush=True)
+    print("\n".join(out.splitlines()[-25:]), flush=True)
     rows.append((label, f"{status}, {seconds:.0f} s"))
     return out
 
@@ -65,7 +65,7 @@ def scan_bandwidth(rows, reps=20):
     dev = torch.device("cuda")
     batch, dim, L, dstate = 16 * 48 * 48, 512, 5, 16
     bf16 = torch.bfloat16
-    u = torch.randn(batch, dim, L, device=dev)                                     # fp32, as in Mamba.forward
+    u = torch.randn(batch, dim, L, device=dev)  # fp32, as in Mamba.forward
     delta = torch.randn(batch, dim, L, device=dev, dtype=bf16)
     A = -torch.rand(dim, dstate, device=dev)
     B = torch.randn(batch, dstate, L, device=dev, dtype=bf16)
@@ -81,10 +81,14 @@ def scan_bandwidth(rows, reps=20):
     fwd_bwd = median_ms(kernels.selective_scan_triton, args, True, reps)
     gbs = (inputs + out + ckpt) / fwd / 1e6
     peak = peak_bandwidth(dev)
-    share = f"{100 * gbs / peak:.0f}% of {peak:.0f} GB/s peak" if peak else "peak not reported by torch"
-    print(f"\nscan forward {fwd:.2f} ms: {(inputs + out + ckpt) / 1e6:.0f} MB -> {gbs:.0f} GB/s ({share}); "
+    share = "peak not reported by torch"
+    if peak:
+        share = f"{100 * gbs / peak:.0f}% of {peak:.0f} GB/s peak"
+    megabytes = (inputs + out + ckpt) / 1e6
+    print(f"\nscan forward {fwd:.2f} ms: {megabytes:.0f} MB -> {gbs:.0f} GB/s ({share}); "
           f"forward + backward {fwd_bwd:.2f} ms", flush=True)
-    rows.append(("scan forward, b 36864 x d 512 x L 5 x n 16", f"{fwd:.2f} ms, {gbs:.0f} GB/s = {share}"))
+    rows.append(("scan forward, b 36864 x d 512 x L 5 x n 16",
+                 f"{fwd:.2f} ms, {gbs:.0f} GB/s = {share}"))
     rows.append(("scan forward + backward, same shapes", f"{fwd_bwd:.2f} ms"))
 
 
@@ -107,32 +111,37 @@ def median_ms(fn, args, backward, reps):
 
 
 def paper_iterations(rows, iters):
-    """A few iterations of the paper preset (stage 1): seconds per iteration after the first, peak memory."""
+    """A few iterations of the paper preset (stage 1): seconds per iteration after the first, peak
+    memory."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-c", PEAK_MEMORY, "--preset", "paper", "--device", "cuda",
                "--max-iters", str(iters), "--no-eval", "--log-every", "1", "--out", out]
-        log = run(cmd, 300, [], "paper preset")
-    ms = [float(m) for m in re.findall(r"(\d+) ms/iter", log)][1:]                 # the first compiles
+        log = run(cmd, 150, [], "paper preset")
+    ms = [float(m) for m in re.findall(r"(\d+) ms/iter", log)][1:]  # the first compiles
     peak = re.search(r"peak memory ([\d.]+) GiB", log)
     per_iter = f"{statistics.median(ms) / 1e3:.2f} s/iter" if ms else "no iterations logged"
     memory = f"peak {peak.group(1)} GiB" if peak else "peak memory not printed"
-    rows.append((f"train.py --preset paper, {iters} iterations (batch 16, T 3, 384 px)", f"{per_iter}, {memory}"))
+    label = f"train.py --preset paper, {iters} iterations (batch 16, T 3, 384 px)"
+    rows.append((label, f"{per_iter}, {memory}"))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--iters", type=int, default=6, help="iterations of the paper preset (the first is not timed)")
+    p.add_argument("--iters", type=int, default=6,
+                   help="iterations of the paper preset (the first is not timed)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("error: no CUDA device: tests/gpu_check.py measures the kernels on a GPU; on this machine run "
-              "python -m pytest tests/test_kernels.py tests/test_compile.py", file=sys.stderr)
+        print("error: no CUDA device: tests/gpu_check.py measures the kernels on a GPU; on this "
+              "machine run python -m pytest tests/test_kernels.py tests/test_compile.py",
+              file=sys.stderr)
         return 2
     name = torch.cuda.get_device_name(0)
     t0 = time.perf_counter()
     rows = []
-    run([sys.executable, "-m", "pytest", "-q", "tests/test_kernels.py"], 150, rows, "tests/test_kernels.py on CUDA")
+    tests = [sys.executable, "-m", "pytest", "-q", "tests/test_kernels.py"]
+    run(tests, 120, rows, "tests/test_kernels.py on CUDA")
     scan_bandwidth(rows)
-    bench = run([sys.executable, "train.py", "--benchmark", "--device", "cuda"], 200, rows,
+    bench = run([sys.executable, "train.py", "--benchmark", "--device", "cuda"], 150, rows,
                 "train.py --benchmark --device cuda")
     for T, speedup in re.findall(r"^(\d+) \| [\d.]+ \| [\d.]+ \| ([\d.]+x)$", bench, re.M):
         rows.append((f"Fig. 4: parallel vs iterative training at T = {T}", speedup))
