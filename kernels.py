@@ -42,7 +42,8 @@ import triton.language as tl  # noqa: E402
 SCAN_PATH = "auto"       # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch" | "ref"
 CHECKPOINT_EVERY = 8     # Triton backward: recompute h from a state saved every this many steps
 BLOCK_D_MAX = 128        # channels per Triton program (tests lower it to exercise several blocks)
-BWD_TILE = 1024          # backward: BLOCK_D * BLOCK_N at most this (register report: tests/aot_compile.py)
+FWD_TILE = 4096          # forward: BLOCK_D * BLOCK_N at most this (registers: tests/aot_compile.py)
+BWD_TILE = 1024          # backward, ~12 live tiles: at most this (spill-free on sm_80/90 at dstate <= 64)
 _announced = set()
 
 
@@ -272,8 +273,8 @@ def _launch(u, A, B, backward):
     dim_g = dim // groups                                                          # channels per group
     block_n = triton.next_power_of_2(A.shape[1])                                   # all of dstate
     block_d = min(triton.next_power_of_2(dim_g), BLOCK_D_MAX)
-    if backward:                                                                   # ~12 live (BD, BN) tiles
-        block_d = max(1, min(block_d, BWD_TILE // block_n))
+    tile = BWD_TILE if backward else FWD_TILE                                      # live (BD, BN) tiles
+    block_d = max(1, min(block_d, tile // block_n))
     grid = (batch, groups, triton.cdiv(dim_g, block_d))
     return grid, dim_g, dict(BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4)
 
