@@ -1,31 +1,38 @@
-"""Selective scan (Mamba S6) for AUSM's History Compressor: Triton kernels beside their PyTorch twins.
+"""Selective scan (Mamba S6) for AUSM's History Compressor: Triton kernels beside PyTorch twins.
 
-Paper: Mamba (Gu & Dao 2023) Sec. 3.2 / Alg. 2, the selective SSM "S6"; AUSM (Heo et al. 2025) Sec. 2.2, the
-History Compressor, which runs one such scan over time at every pixel of the stride-8 features (batch = clips
-x pixels, L = frames). Same contract as mamba_ssm's selective_scan_fn / selective_state_update:
+Paper: Mamba (Gu & Dao 2023) Sec. 3.2 / Alg. 2, the selective SSM "S6"; AUSM (Heo et al. 2025)
+Sec. 2.2, the History Compressor, which runs one such scan over time at every pixel of the stride-8
+features (batch = clips x pixels, L = frames). Same contract as mamba_ssm's selective_scan_fn /
+selective_state_update:
 
     delta <- softplus(delta + delta_bias)                      (bias / softplus optional)
-    h_t    = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t   (zero-order hold of A, Euler step for B)
+    h_t    = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t   (zero-order hold of A, Euler for B)
     y_t    = <C_t, h_t> + D * u_t;      out_t = y_t * silu(z_t)  (D, z optional)
 
 Glossary of dimension letters (as in mamba-minimal):
-    b: batch (sequences: clips x pixels)   d: dim (channels, "D" in Mamba)   l: L (time steps = frames)
-    n: dstate (state size, "N")            g: groups (B_t, C_t shared by dim // groups channels each)
+    b: batch (sequences: clips x pixels)   d: dim (channels, "D" in Mamba)   l: L (time steps)
+    n: dstate (state size, "N")            g: groups (B_t, C_t shared by dim // groups channels)
+    BD, BN: a Triton program's block of channels (BLOCK_D) and of dstate (BLOCK_N >= dstate)
 
-Paths: selective_scan_ref (plain loop: the specification); selective_scan_triton (forward kernel: a program
-per (batch, group, block of dim) keeps all of dstate in registers and loops over L; backward kernel: a
-reverse-time scan recomputing h_{t-1} from a checkpoint saved every CHECKPOINT_EVERY steps); selective_scan_torch
-(the CPU path, hand-written backward). selective_scan dispatches; selective_state_update does one frame.
-Differs from mamba_ssm: real A only; B, C depend on time (no time-invariant variant); no fused in-projection.
-Left out: complex A, the fused causal conv, variable-length sequences.
+Paths: selective_scan_ref (plain loop: the specification); selective_scan_triton (forward kernel: a
+program per (batch, group, block of dim) keeps all of dstate in registers and loops over L;
+backward kernel: a reverse-time scan recomputing h_{t-1} from a checkpoint saved every
+CHECKPOINT_EVERY steps); selective_scan_torch (the CPU path, hand-written backward). selective_scan
+dispatches; selective_state_update does one frame. _launch alone picks block sizes and warps; the
+tiles are capped (FWD_TILE, BWD_TILE) so that the compiled kernels do not spill registers
+(tests/aot_compile.py compiles every launch for sm_90, sm_80 and gfx90a and reports them).
+Differs from mamba_ssm: real A only; B, C depend on time (no time-invariant variant); no fused
+in-projection. Left out: complex A, the fused causal conv, variable-length sequences.
 
 Cost (for a GPU reader): E = b*d*l, n = dstate, s = bytes per input element, c = CHECKPOINT_EVERY.
-  forward  bytes ~ E*s*(3 + [z]) + 2*b*g*n*l*s (B, C) + 4*b*d*n*ceil(l/c) (fp32 checkpoints); FLOPs ~ 6*E*n + E*n exp
+  forward  bytes ~ E*s*(3 + [z]) + 2*b*g*n*l*s (B, C) + 4*b*d*n*ceil(l/c) (fp32 checkpoints)
+           FLOPs ~ 6*E*n + E*n exp
   backward bytes ~ E*(s*(4+[z]) + 4*(3+[z])) + 8*b*g*n*l*blocks + 4*b*d*n*(ceil(l/c)+2)
-           FLOPs ~ E*n*(12+2c) + E*n*(c+1)/2 exp (it recomputes h from the checkpoints: ~c/2 steps per step)
-At dstate 16 the forward does ~220 FLOP-equivalents (an exp2 on the SFU costs ~8 FMAs) per ~25 (fp32) or ~17
-(bf16) bytes per (b, d, t): 9-13 FLOP/byte, under an H100's ridge (~67 TFLOP/s / 3.35 TB/s = 20), so it is
-bandwidth bound (GB/s vs peak is its yardstick); the backward and the forward from dstate ~32 up are exp bound.
+           FLOPs ~ E*n*(12+2c) + E*n*(c+1)/2 exp (h recomputed from the checkpoints: ~c/2 per step)
+At dstate 16 the forward does ~220 FLOP-equivalents (an exp2 on the SFU costs ~8 FMAs) per ~25
+(fp32) or ~17 (bf16) bytes per (b, d, t): 9-13 FLOP/byte, under an H100's ridge (~67 TFLOP/s /
+3.35 TB/s = 20), so it is bandwidth bound (GB/s vs the device's peak is its yardstick:
+tests/gpu_check.py); the backward and the forward from dstate ~32 up are exp bound.
 """
 import os
 import sys
@@ -42,8 +49,8 @@ import triton.language as tl  # noqa: E402
 SCAN_PATH = "auto"       # "auto" (Triton on CUDA, torch on CPU) | "triton" | "torch" | "ref"
 CHECKPOINT_EVERY = 8     # Triton backward: recompute h from a state saved every this many steps
 BLOCK_D_MAX = 128        # channels per Triton program (tests lower it to exercise several blocks)
-FWD_TILE = 4096          # forward: BLOCK_D * BLOCK_N at most this (registers: tests/aot_compile.py)
-BWD_TILE = 1024          # backward, ~12 live tiles: at most this (spill-free on sm_80/90 at dstate <= 64)
+FWD_TILE = 4096          # forward: BLOCK_D * BLOCK_N at most this (see tests/aot_compile.py)
+BWD_TILE = 1024          # backward (~12 live tiles): spill-free at dstate <= 64 on sm_80/90
 _announced = set()
 
 
@@ -64,12 +71,12 @@ def _validate(u, delta, A, B, C, D, z, bias, h0, step=False):
     """Check the whole argument list; return (batch, dim, dstate, groups). step=True: no L axis."""
     _check("x" if step else "u", u, None, getattr(u, "device", None), (2,) if step else (3,))
     batch, dim = u.shape[:2]
-    tail = tuple(u.shape[2:])                                                      # (l,), or () for a step
+    tail = tuple(u.shape[2:])                                                      # (l,) or ()
     _check("dt" if step else "delta", delta, u.shape, u.device)
     _check("A", A, None, u.device, (2,))
     _check("A", A, (dim, A.shape[1]), u.device)                                    # (dim, dstate)
     _check("B", B, None, u.device, (2 + len(tail), 3 + len(tail)))
-    grouped = B.dim() == 3 + len(tail)                                             # B (b, g, n, l), not (b, n, l)
+    grouped = B.dim() == 3 + len(tail)                                             # B (b, g, n, l)
     groups = B.shape[1] if grouped else 1
     dstate = A.shape[1]
     if dim % groups != 0:
@@ -142,7 +149,7 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     _validate(x, dt, A, B, C, D, z, dt_bias, state, step=True)                    # messages name x, dt, state
     col = _add_last_axis                                                           # (..., 1)
     y, new = selective_scan_ref(col(x), col(dt), A, col(B), col(C), D, col(z), dt_bias, dt_softplus,
-                                True, state)                                       # (b, d, 1), (b, d, n)
+                                True, state)                                       # (b, d, 1)
     state.copy_(new)
     return y[..., 0]                                                               # (b, d)
 
@@ -160,7 +167,7 @@ def _setup(A_ptr, D_ptr, bias_ptr, dim, L, dstate, dim_g, HAS_D: tl.constexpr, H
     (BD,; zeros if absent, by all-false masks), offsets of rows of (b, d, l), (b, g, n, l), a (b, d, n) tile."""
     b = tl.program_id(0)
     g = tl.program_id(1)
-    local = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)                     # (BD,) within group g
+    local = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)                     # (BD,) in g
     n = tl.arange(0, BLOCK_N)                                                      # (BN,)
     mask_d = local < dim_g
     mask_n = n < dstate
@@ -169,9 +176,9 @@ def _setup(A_ptr, D_ptr, bias_ptr, dim, L, dstate, dim_g, HAS_D: tl.constexpr, H
     A = tl.load(A_ptr + d[:, None] * dstate + n[None, :], mask=mask, other=0.0).to(tl.float32)
     Dv = tl.load(D_ptr + d, mask=mask_d & HAS_D, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + d, mask=mask_d & HAS_BIAS, other=0.0).to(tl.float32)
-    row = (b * dim + d) * L                                                        # (BD,) rows of (b, d, l)
-    bc = ((b * tl.num_programs(1) + g) * dstate + n) * L                           # (BN,) rows of (b, g, n, l)
-    state = (b * dim + d[:, None]) * dstate + n[None, :]                           # (BD, BN) in (b, d, n)
+    row = (b * dim + d) * L                                                        # (BD,) rows
+    bc = ((b * tl.num_programs(1) + g) * dstate + n) * L                           # (BN,) rows
+    state = (b * dim + d[:, None]) * dstate + n[None, :]                           # (BD, BN)
     return b, d, n, mask_d, mask_n, mask, A, Dv, bias, row, bc, state
 
 
@@ -182,7 +189,7 @@ def _load_step(u_ptr, dt_ptr, B_ptr, row, bc, bias, mask_d, mask_n, SOFTPLUS: tl
     raw = tl.load(dt_ptr + row, mask=mask_d, other=0.0).to(tl.float32) + bias
     Bt = tl.load(B_ptr + bc, mask=mask_n, other=0.0).to(tl.float32)
     delta = raw
-    if SOFTPLUS:  # torch's threshold 20; no log1p in the interpreter; clamped so that exp never overflows
+    if SOFTPLUS:  # torch's threshold 20; no log1p in the interpreter; clamped: exp never overflows
         delta = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))), raw)
     return u, delta, raw, Bt
 
@@ -222,7 +229,7 @@ def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     b, d, n, mask_d, mask_n, mask, A, Dv, bias, row, bc, state = _setup(
         A_ptr, D_ptr, bias_ptr, dim, L, dstate, dim_g, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
     program = (b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-    part = (program * dstate + n) * L                                              # (BN,) dB, dC partial rows
+    part = (program * dstate + n) * L                                              # (BN,) dB, dC
     dh = tl.load(dlast_ptr + state, mask=mask, other=0.0)                         # adjoint of h_t, t = L-1
     dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)                            # (BD, BN)
     dD = tl.zeros((BLOCK_D,), dtype=tl.float32)                                    # (BD,)
@@ -270,10 +277,10 @@ def _launch(u, A, B, backward):
     this returns for every launch the code makes, and reports registers and spills."""
     batch, dim = u.shape[:2]
     groups = B.shape[1]
-    dim_g = dim // groups                                                          # channels per group
+    dim_g = dim // groups                                                          # per group
     block_n = triton.next_power_of_2(A.shape[1])                                   # all of dstate
     block_d = min(triton.next_power_of_2(dim_g), BLOCK_D_MAX)
-    tile = BWD_TILE if backward else FWD_TILE                                      # live (BD, BN) tiles
+    tile = BWD_TILE if backward else FWD_TILE                                      # BD * BN at most
     block_d = max(1, min(block_d, tile // block_n))
     grid = (batch, groups, triton.cdiv(dim_g, block_d))
     return grid, dim_g, dict(BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4)
@@ -286,7 +293,7 @@ def _flags(D, z, bias, h0, softplus):
 
 
 def _or_u(u, *xs):
-    """Absent optional inputs become u: a valid pointer the kernels never read (their HAS_ flag is off)."""
+    """Absent optional inputs become u: a valid pointer the kernels never read (HAS_ flag off)."""
     return [u if x is None else x for x in xs]
 
 
@@ -308,7 +315,7 @@ class _ScanTriton(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, bias, h0, softplus):
         batch, dim, L = u.shape
         n_ckpt = triton.cdiv(L, CHECKPOINT_EVERY)
-        ckpt = u.new_empty(batch, n_ckpt, dim, A.shape[1], dtype=torch.float32)   # (b, n_ckpt, d, n)
+        ckpt = u.new_empty(batch, n_ckpt, dim, A.shape[1], dtype=torch.float32)   # (b, c, d, n)
         out = _forward(u, delta, A, B, C, D, z, bias, h0, softplus, ckpt)
         ctx.flags = _flags(D, z, bias, h0, softplus)
         ctx.every = CHECKPOINT_EVERY
@@ -322,14 +329,14 @@ class _ScanTriton(torch.autograd.Function):
         dstate = A.shape[1]
         grid, dim_g, meta = _launch(u, A, B, backward=True)
         du, ddelta, dz = u.new_empty(3, batch, dim, L, dtype=torch.float32)        # (b, d, l) each
-        dA, dh0 = u.new_empty(2, batch, dim, dstate, dtype=torch.float32)          # (b, d, n): dA per batch
-        dD = du.new_empty(batch, dim)                                              # (b, d): per batch
-        dB, dC = u.new_empty(2, *grid, dstate, L, dtype=torch.float32)            # per-program partials
+        dA, dh0 = u.new_empty(2, batch, dim, dstate, dtype=torch.float32)          # (b, d, n) each
+        dD = du.new_empty(batch, dim)                                              # (b, d)
+        dB, dC = u.new_empty(2, *grid, dstate, L, dtype=torch.float32)            # per program
         _scan_bwd_kernel[grid](u, delta, A, B, C, D, z, bias, h0, ckpt, dout.contiguous(),
                                dlast.float().contiguous(), du, ddelta, dA, dB, dC, dD, dz, dh0,
                                dim, L, dstate, dim_g, ckpt.shape[1], ctx.every, **ctx.flags, **meta)
         grads = (du, ddelta, dA.sum(0), dB.sum(2), dC.sum(2), dD.sum(0), dz, ddelta.sum((0, 2)), dh0)
-        ins = (u, delta, A, B, C, D, z, bias, h0)                                  # grads in the inputs' dtypes
+        ins = (u, delta, A, B, C, D, z, bias, h0)                                  # grads: same dtypes
         wanted = zip(grads, ins, ctx.needs_input_grad)
         return tuple(g.to(x.dtype) if needed else None for g, x, needed in wanted) + (None,)
 
@@ -352,7 +359,7 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     B, C = (v[:, None] if v.dim() == 2 else v for v in (B, C))                    # (b, g, n)
     x, dt, A, B, C, D, z, dt_bias = (None if v is None else v.contiguous() for v in (x, dt, A, B, C, D, z, dt_bias))
     col = _add_last_axis                                                           # (..., 1): L = 1
-    y = _forward(col(x), col(dt), A, col(B), col(C), D, col(z), dt_bias, s, dt_softplus, s[:, None])  # (b, d, 1)
+    y = _forward(col(x), col(dt), A, col(B), col(C), D, col(z), dt_bias, s, dt_softplus, s[:, None])
     if s is not state:
         state.copy_(s)
     return y[..., 0]                                                               # (b, d)
@@ -391,7 +398,7 @@ class _ScanTorch(torch.autograd.Function):
         An = A.t().reshape(n, 1, g, -1)                                            # (n, 1, g, dg)
         for rows, Hs, As, (dh, dA_c, tmp) in _chunk_states(u, delta, A, B, h0):
             shp = (1,) + dh.shape[1:]                                              # (1, bc, g, dg)
-            dh.copy_(dlast[:, rows].view(dh.shape))                                # adjoint of h_{L-1}
+            dh.copy_(dlast[:, rows].view(dh.shape))                                # dh_{L-1}
             dA_c.zero_()
             for t in range(L - 1, -1, -1):                                         # reverse-time scan
                 dyt, dlt, ut = dy[t, rows].view(shp), delta[t, rows].view(shp), u[t, rows].view(shp)
@@ -415,11 +422,11 @@ def _chunk_states(u, delta, A, B, h0):
     dg) with a_t = exp(delta_t A) = exp2(delta_t A log2 e), and 3 scratch states. Buffers are reused."""
     (L, batch, dim), n, g = u.shape, A.shape[1], B.shape[3]
     A2 = (A * 1.4426950408889634).t().reshape(n, 1, g, -1)                         # (n, 1, g, dg)
-    step = max(1, TORCH_CHUNK // (dim * n))                                        # sequences per chunk
+    step = max(1, TORCH_CHUNK // (dim * n))                                        # per chunk
     Hs, As, work = (u.new_empty(k, n, min(step, batch), g, dim // g) for k in (L + 1, L, 3))
     for b0 in range(0, batch, step):
         rows = slice(b0, b0 + step)
-        bc = min(step, batch - b0)                                                 # sequences in this chunk
+        bc = min(step, batch - b0)                                                 # in this one
         H, At = Hs[:, :, :bc], As[:, :, :bc]                                       # this chunk's part
         H[0] = h0[:, rows].view(n, bc, g, -1)
         for t in range(L):
@@ -442,7 +449,8 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     h0 = _initial(initial_state, u, batch, dim, dstate, wt)                        # (b, d, n)
     BC = [(x if x.dim() == 4 else x[:, None]).to(wt).permute(3, 2, 0, 1).contiguous() for x in (B, C)]  # l n b g
     h0 = h0.permute(2, 0, 1).contiguous()                                          # (n, b, d)
-    y, last = _ScanTorch.apply(_time_major(u, wt), _time_major(dl, wt), A.to(wt).contiguous(), *BC, h0)
+    A = A.to(wt).contiguous()                                                      # (d, n)
+    y, last = _ScanTorch.apply(_time_major(u, wt), _time_major(dl, wt), A, *BC, h0)
     y = _gate(y.permute(1, 2, 0), u, D, z)                                         # (b, d, l)
     last = last.permute(1, 2, 0)                                                   # (b, d, n)
     return (y, last) if return_last_state else y
@@ -519,7 +527,8 @@ def main():
     paths = {k: v for k, v in paths.items() if dev == "cuda" or "interpreter" not in k}  # meaningless timings
     print(f"\n{'batch':>6s} {'dim':>4s} {'L':>3s}" + "".join(f"{n + ' fwd / fwd+bwd ms':>42s}" for n in paths))
     batches = (512,) if args.quick else (512, 2048)
-    for batch, dim, L in [(b, d, L) for b in batches for d in (128, 512) for L in (3, 5, 16)]:  # 2) benchmark
+    shapes = [(b, d, L) for b in batches for d in (128, 512) for L in (3, 5, 16)]
+    for batch, dim, L in shapes:                                                   # 2) benchmark
         x, cells = _inputs(batch, dim, L, 16, dev), ""
         for fn in paths.values():
             skip = fn is selective_scan_ref and batch * dim * L > args.ref_max
@@ -527,7 +536,7 @@ def main():
                 *(_time_ms(fn, x, bwd, args.reps) for bwd in (False, True)))
         nbytes = 4 * (4 * batch * dim * L + 2 * batch * 16 * L + batch * dim * 16 * -(-L // CHECKPOINT_EVERY))
         gbs = f"  triton fwd {nbytes / _time_ms(paths['triton'], x, False, 3) / 1e6:.0f} GB/s" if dev == "cuda" else ""
-        print(f"{batch:6d} {dim:4d} {L:3d}" + cells + gbs, flush=True)  # vs the device's peak: tests/gpu_check.py
+        print(f"{batch:6d} {dim:4d} {L:3d}" + cells + gbs, flush=True)  # peak: tests/gpu_check.py
     if not args.quick:                                                             # 3) the 10x target
         x = _inputs(2048, 128, 16, 16, dev)
         ref, fast = (_time_ms(fn, x, True, args.reps) for fn in (selective_scan_ref, selective_scan_torch))

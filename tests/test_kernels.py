@@ -209,6 +209,22 @@ def test_dispatch_override(monkeypatch):
         kernels.selective_scan(**x)
 
 
+@pytest.mark.parametrize("dstate", [1, 16, 32, 64, 256])
+@pytest.mark.parametrize("dim_g", [3, 128, 512])
+def test_launch_tiles_are_capped_and_cover_every_channel(dim_g, dstate):
+    """_launch: BLOCK_D x BLOCK_N within FWD_TILE / BWD_TILE (what keeps the compiled kernels free of
+    spills, tests/test_compile.py), all of dstate in one block, every channel in some block."""
+    u = torch.empty(2, 2 * dim_g, 5)                                               # (b, d, l), 2 groups
+    A = torch.empty(2 * dim_g, dstate)                                             # (d, n)
+    B = torch.empty(2, 2, dstate, 5)                                               # (b, g, n, l)
+    for backward, cap in ((False, kernels.FWD_TILE), (True, kernels.BWD_TILE)):
+        grid, channels, meta = kernels._launch(u, A, B, backward)
+        assert channels == dim_g and grid[:2] == (2, 2)
+        assert meta["BLOCK_N"] >= dstate
+        assert meta["BLOCK_D"] * meta["BLOCK_N"] <= max(cap, meta["BLOCK_N"])
+        assert grid[2] * meta["BLOCK_D"] >= dim_g > (grid[2] - 1) * meta["BLOCK_D"]
+
+
 def test_bad_inputs_raise_value_errors():
     x, _ = make(2, 4, 3, 4, 2, "Dz")
     x = {k: v.detach() for k, v in x.items() if v is not None}
