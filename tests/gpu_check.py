@@ -48,8 +48,10 @@ def run(cmd, timeout, rows, label):
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         out = proc.stdout + proc.stderr
         status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
-    except subprocess.TimeoutExpired as e:                                         # e.stdout: bytes or None
-        out = (e.stdout or b"").decode(errors="replace")
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout or ""
+        if isinstance(out, bytes):                                                 # as POSIX gives it
+            out = out.decode(errors="replace")
         status = f"TIMED OUT after {timeout} s"
     seconds = time.perf_counter() - t0
     print(f"\n$ {' '.join(cmd)}   [{status}, {seconds:.0f} s]", flush=True)
