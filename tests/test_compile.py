@@ -44,7 +44,7 @@ def test_model_launches_compile_for_gpus_without_spills(tmp_path):
 @pytest.mark.slow
 def test_every_launch_compiles_for_every_target(tmp_path):
     """Every subset of the optional inputs in float32 / float16 / bfloat16 and the model at the tiny
-    and paper shapes (and dstate 32, 64), for sm_90, sm_80 and gfx90a: ~30 min on 2 busy cores."""
+    and paper shapes (and dstate 32, 64), for sm_90, sm_80 and gfx90a: 819 compilations, ~21 min."""
     script = os.path.join(TESTS, "aot_compile.py")
     check_table(run_compiler(tmp_path, script, "--full", timeout=3600))
 
