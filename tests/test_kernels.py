@@ -1,8 +1,11 @@
 """kernels.py: every fast path against the PyTorch reference evaluated in float64 (issue 2).
 
-The Triton kernels run in the interpreter here (~2 ms per program per time step), so their cases are tiny:
-few programs (batch x groups x dim-blocks) and short L. Block sizes are lowered to exercise masks, several
-dim-blocks per group and several checkpoint segments.
+Where the Triton kernels run: on a machine with a CUDA GPU, compiled, on CUDA tensors (DEVICE); on a CPU,
+in the Triton interpreter (tests/conftest.py switches it on), ~2 ms per program per time step, so the
+cases are tiny: few programs (batch x groups x dim-blocks) and short L. Block sizes are lowered to exercise
+masks, several dim-blocks per group and several checkpoint segments. The float64 reference always runs on
+the CPU; the torch path is the CPU path and is tested there. tests/test_compile.py compiles the kernels
+for GPUs ahead of time.
 """
 import pytest
 import torch
@@ -10,10 +13,32 @@ import torch
 import kernels
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the Triton cases run
+TRITON_FNS = (kernels.selective_scan_triton, kernels.selective_state_update_triton)
 
 
-def make(batch, dim, L, dstate, groups, opts="", dtype=torch.float32, seed=0):
-    """Random inputs as a kwargs dict; opts picks the optional ones: D z b(ias) s(oftplus) h(0) 3(d B, C)."""
+def tolerance(dtype):
+    """rtol = atol of a Triton result in `dtype` against float64. Compiled on a GPU, exp is ex2.approx
+    (relative error ~2^-22): float32 gets 1e-4 there, 1e-5 in the interpreter (numpy's exp)."""
+    if dtype == torch.float16:
+        return 1e-2
+    if dtype == torch.bfloat16:
+        return 6e-2
+    if DEVICE.type == "cuda":
+        return 1e-4
+    return 1e-5
+
+
+def device_for(fn):
+    """Triton cases run on DEVICE; the torch path and the reference on the CPU."""
+    if fn in TRITON_FNS:
+        return DEVICE
+    return torch.device("cpu")
+
+
+def make(batch, dim, L, dstate, groups, opts="", dtype=torch.float32, seed=0, device="cpu"):
+    """Random inputs as a kwargs dict; opts picks the optional ones: D z b(ias) s(oftplus) h(0) 3(d B, C).
+    Drawn on the CPU in float64 (the same numbers on every device), then cast and moved to `device`."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)               # noqa: E731
     bc = (batch, dstate, L) if "3" in opts else (batch, groups, dstate, L)
@@ -24,7 +49,7 @@ def make(batch, dim, L, dstate, groups, opts="", dtype=torch.float32, seed=0):
              initial_state=r(batch, dim, dstate) if "h" in opts else None)
     if "s" not in opts:
         x["delta"] = x["delta"].abs()                                              # positive step sizes
-    x = {k: None if v is None else v.to(dtype).requires_grad_() for k, v in x.items()}
+    x = {k: None if v is None else v.to(device, dtype).requires_grad_() for k, v in x.items()}
     return x, "s" in opts
 
 
@@ -32,8 +57,8 @@ def run(fn, x, softplus, seed=1):
     """Outputs (y, last_state) and the gradient of a random linear loss w.r.t. every input given."""
     y, last = fn(**x, delta_softplus=softplus, return_last_state=True)
     g = torch.Generator().manual_seed(seed)
-    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    gl = torch.randn(last.shape, generator=g, dtype=torch.float64)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device)
+    gl = torch.randn(last.shape, generator=g, dtype=torch.float64).to(y.device)
     loss = (y.double() * gy).sum() + (last.double() * gl).sum()
     names = [k for k in NAMES if x[k] is not None]
     grads = torch.autograd.grad(loss, [x[k] for k in names])
@@ -41,7 +66,8 @@ def run(fn, x, softplus, seed=1):
 
 
 def as64(x):
-    return {k: None if v is None else v.detach().double().requires_grad_() for k, v in x.items()}
+    """The inputs promoted to float64 on the CPU (where the reference runs)."""
+    return {k: None if v is None else v.detach().cpu().double().requires_grad_() for k, v in x.items()}
 
 
 def check(fn, x, softplus, rtol, atol):
@@ -49,11 +75,12 @@ def check(fn, x, softplus, rtol, atol):
     y, last, grads = run(fn, x, softplus)
     y0, last0, grads0 = run(kernels.selective_scan_ref, as64(x), softplus)
     assert y.dtype == x["u"].dtype and last.shape == last0.shape
-    torch.testing.assert_close(y.double(), y0, rtol=rtol, atol=atol)
-    torch.testing.assert_close(last.double(), last0, rtol=rtol, atol=atol)
+    assert y.device == x["u"].device and last.device == x["u"].device
+    torch.testing.assert_close(y.cpu().double(), y0, rtol=rtol, atol=atol)
+    torch.testing.assert_close(last.cpu().double(), last0, rtol=rtol, atol=atol)
     for k, g0 in grads0.items():
         assert grads[k].dtype == x[k].dtype and grads[k].shape == x[k].shape, k
-        torch.testing.assert_close(grads[k].double(), g0, rtol=rtol, atol=atol * g0.abs().max().item(),
+        torch.testing.assert_close(grads[k].cpu().double(), g0, rtol=rtol, atol=atol * g0.abs().max().item(),
                                    msg=lambda m: f"gradient of {k}: {m}")
 
 
@@ -72,14 +99,15 @@ def test_triton_matches_float64_reference(case, monkeypatch):
     batch, dim, L, dstate, groups, opts, block, every = case
     monkeypatch.setattr(kernels, "BLOCK_D_MAX", block)
     monkeypatch.setattr(kernels, "CHECKPOINT_EVERY", every)
-    x, sp = make(batch, dim, L, dstate, groups, opts)
-    check(kernels.selective_scan_triton, x, sp, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 6e-2)], ids=str)
-def test_triton_half_precision(dtype, tol):
-    x, sp = make(1, 6, 4, 4, 2, "Dzbsh", dtype=dtype)
+    x, sp = make(batch, dim, L, dstate, groups, opts, device=DEVICE)
+    tol = tolerance(torch.float32)
     check(kernels.selective_scan_triton, x, sp, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_half_precision(dtype):
+    x, sp = make(1, 6, 4, 4, 2, "Dzbsh", dtype=dtype, device=DEVICE)
+    check(kernels.selective_scan_triton, x, sp, rtol=tolerance(dtype), atol=tolerance(dtype))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}d{}L{}n{}g{}-{}".format(*c[:6]))
@@ -102,7 +130,8 @@ def test_torch_path_half_precision():
 def test_continuation_equals_one_scan(fn, monkeypatch):
     """Scanning L = 2 + 3 steps in two calls, the second from the first's last state, is one scan over 5."""
     monkeypatch.setattr(kernels, "CHECKPOINT_EVERY", 2)
-    x, sp = make(1, 4, 5, 4, 1, "Dzbsh")
+    x, sp = make(1, 4, 5, 4, 1, "Dzbsh", device=device_for(fn))
+    tol = tolerance(torch.float32)
     y, last, grads = run(fn, x, sp)
     x2 = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in x.items()}
     part = lambda v, s: None if v is None or v.shape[-1] != 5 else v[..., s]       # noqa: E731
@@ -111,29 +140,30 @@ def test_continuation_equals_one_scan(fn, monkeypatch):
     y1, h1 = fn(**first, **common, delta_softplus=sp, return_last_state=True, initial_state=x2["initial_state"])
     rest = {k: part(x2[k], slice(2, 5)) for k in ("u", "delta", "B", "C", "z")}
     y2, h2 = fn(**rest, **common, delta_softplus=sp, return_last_state=True, initial_state=h1)
-    torch.testing.assert_close(torch.cat([y1, y2], -1), y, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h2, last, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([y1, y2], -1), y, rtol=tol, atol=tol)
+    torch.testing.assert_close(h2, last, rtol=tol, atol=tol)
     g = torch.Generator().manual_seed(1)                                           # the same cotangents as run()
-    gy, gl = torch.randn(y.shape, generator=g, dtype=torch.float64), torch.randn(last.shape, generator=g,
-                                                                                  dtype=torch.float64)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device)
+    gl = torch.randn(last.shape, generator=g, dtype=torch.float64).to(y.device)
     loss = (torch.cat([y1, y2], -1).double() * gy).sum() + (h2.double() * gl).sum()
     split = torch.autograd.grad(loss, [x2[k] for k in grads])
     for (k, g1), g2 in zip(grads.items(), split):
-        torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-5 * g1.abs().max().item(), msg=k)
+        torch.testing.assert_close(g2, g1, rtol=tol, atol=tol * g1.abs().max().item(), msg=k)
 
 
 @pytest.mark.parametrize("fn", [kernels.selective_state_update_triton, kernels.selective_state_update_ref],
                          ids=["triton", "ref"])
 @pytest.mark.parametrize("opts", ["Dzbs", "3"])
 def test_state_update_steps_equal_one_scan(fn, opts):
-    x, sp = make(2, 6, 4, 4, 2, opts + "h")
+    x, sp = make(2, 6, 4, 4, 2, opts + "h", device=device_for(fn))
     x = {k: None if v is None else v.detach() for k, v in x.items()}
+    tol = tolerance(torch.float32)
     y, last = kernels.selective_scan_ref(**as64(x), delta_softplus=sp, return_last_state=True)
     state = x["initial_state"].clone()
     ys = [fn(state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t], x["C"][..., t], x["D"],
              None if x["z"] is None else x["z"][..., t], x["delta_bias"], sp) for t in range(4)]
-    torch.testing.assert_close(torch.stack(ys, -1).double(), y.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state.double(), last.detach(), rtol=1e-5, atol=1e-5)   # updated in place
+    torch.testing.assert_close(torch.stack(ys, -1).cpu().double(), y.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(state.cpu().double(), last.detach(), rtol=tol, atol=tol)   # updated in place
 
 
 def test_reference_gradcheck_float64():
@@ -150,28 +180,49 @@ def test_noncontiguous_inputs():
     xt = {k: None if v is None else v.detach().transpose(0, -1).contiguous().transpose(0, -1) for k, v in x.items()}
     assert not xt["u"].is_contiguous()
     y0 = kernels.selective_scan_ref(**as64(x), delta_softplus=sp).detach()
+    tol = tolerance(torch.float32)
     for fn in (kernels.selective_scan_triton, kernels.selective_scan_torch):
-        torch.testing.assert_close(fn(**xt, delta_softplus=sp).double(), y0, rtol=1e-5, atol=1e-5)
+        xd = {k: None if v is None else v.to(device_for(fn)) for k, v in xt.items()}   # .to keeps the strides
+        assert not xd["u"].is_contiguous()
+        torch.testing.assert_close(fn(**xd, delta_softplus=sp).cpu().double(), y0, rtol=tol, atol=tol)
 
 
 def test_dispatch_override(monkeypatch):
-    x, sp = make(2, 4, 3, 4, 1, "D")
+    """On DEVICE: "auto" is the Triton path on a GPU, the torch path on a CPU; every override works."""
+    x, sp = make(2, 4, 3, 4, 1, "D", device=DEVICE)
+    tol = tolerance(torch.float32)
     y0 = kernels.selective_scan_ref(**x)
     for path in ("auto", "torch", "ref", "triton"):
         monkeypatch.setattr(kernels, "SCAN_PATH", path)
-        torch.testing.assert_close(kernels.selective_scan(**x), y0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kernels.selective_scan(**x), y0, rtol=tol, atol=tol)
     x = {k: None if v is None else v.detach() for k, v in x.items()}
     step = (x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0], x["C"][..., 0], x["D"])
     first = {k: v[..., :1] if k in ("u", "delta", "B", "C") else v for k, v in x.items()}   # L = 1
     y1, h1 = kernels.selective_scan_ref(**first, return_last_state=True)
     for path in ("torch", "triton"):                                               # torch -> the reference step
         monkeypatch.setattr(kernels, "SCAN_PATH", path)
-        state = torch.zeros(2, 4, 4)
-        torch.testing.assert_close(kernels.selective_state_update(state, *step), y1[..., 0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(state, h1, rtol=1e-5, atol=1e-5)
+        state = torch.zeros(2, 4, 4, device=DEVICE)
+        torch.testing.assert_close(kernels.selective_state_update(state, *step), y1[..., 0], rtol=tol, atol=tol)
+        torch.testing.assert_close(state, h1, rtol=tol, atol=tol)
     monkeypatch.setattr(kernels, "SCAN_PATH", "cuda")
     with pytest.raises(ValueError, match="SCAN_PATH"):
         kernels.selective_scan(**x)
+
+
+@pytest.mark.parametrize("dstate", [1, 16, 32, 64, 256])
+@pytest.mark.parametrize("dim_g", [3, 128, 512])
+def test_launch_tiles_are_capped_and_cover_every_channel(dim_g, dstate):
+    """_launch: BLOCK_D x BLOCK_N within FWD_TILE / BWD_TILE (what keeps the compiled kernels free of
+    spills, tests/test_compile.py), all of dstate in one block, every channel in some block."""
+    u = torch.empty(2, 2 * dim_g, 5)                                               # (b, d, l), 2 groups
+    A = torch.empty(2 * dim_g, dstate)                                             # (d, n)
+    B = torch.empty(2, 2, dstate, 5)                                               # (b, g, n, l)
+    for backward, cap in ((False, kernels.FWD_TILE), (True, kernels.BWD_TILE)):
+        grid, channels, meta = kernels._launch(u, A, B, backward)
+        assert channels == dim_g and grid[:2] == (2, 2)
+        assert meta["BLOCK_N"] >= dstate
+        assert meta["BLOCK_D"] * meta["BLOCK_N"] <= max(cap, meta["BLOCK_N"])
+        assert grid[2] * meta["BLOCK_D"] >= dim_g > (grid[2] - 1) * meta["BLOCK_D"]
 
 
 def test_bad_inputs_raise_value_errors():
