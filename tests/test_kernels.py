@@ -42,7 +42,10 @@ def make(batch, dim, L, dstate, groups, opts="", dtype=torch.float32, seed=0, de
     3(d B, C). Drawn on the CPU in float64 (the same numbers on every device), then cast and moved
     to `device`."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)               # noqa: E731
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
     bc = (batch, dstate, L) if "3" in opts else (batch, groups, dstate, L)
     x = dict(u=r(batch, dim, L), delta=0.5 * r(batch, dim, L),
              A=-0.5 - torch.rand(dim, dstate, generator=g, dtype=torch.float64), B=r(*bc), C=r(*bc),
@@ -148,7 +151,13 @@ def test_continuation_equals_one_scan(fn, monkeypatch):
     tol = tolerance(torch.float32)
     y, last, grads = run(fn, x, sp)
     x2 = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in x.items()}
-    part = lambda v, s: None if v is None or v.shape[-1] != 5 else v[..., s]       # noqa: E731
+
+    def part(v, steps):
+        """v's time steps `steps` if v has the L axis (of 5), else None."""
+        if v is None or v.shape[-1] != 5:
+            return None
+        return v[..., steps]
+
     common = {k: x2[k] for k in ("A", "D", "delta_bias")}
     first = {k: part(x2[k], slice(0, 2)) for k in ("u", "delta", "B", "C", "z")}
     y1, h1 = fn(**first, **common, delta_softplus=sp, return_last_state=True,
