@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 if __name__ == "__main__" and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run in the interpreter on a CPU
+    # the Triton kernels run in the interpreter on a CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -58,11 +59,14 @@ _announced = set()
 def _check(name, x, shape, device, ndim=None):
     """Raise ValueError unless x is a real floating tensor on `device` with `shape` (None = any)."""
     if not torch.is_tensor(x) or x.is_complex() or not x.is_floating_point():
-        raise ValueError(f"{name} must be a real floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+        got = getattr(x, "dtype", type(x))
+        raise ValueError(f"{name} must be a real floating-point tensor, got {got}")
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but u/x is on {device}: put every input on one device")
+        raise ValueError(f"{name} is on {x.device} but u/x is on {device}: "
+                         "put every input on one device")
     if ndim is not None and x.dim() not in ndim:
-        raise ValueError(f"{name} must have {' or '.join(map(str, ndim))} dims, got shape {tuple(x.shape)}")
+        allowed = " or ".join(map(str, ndim))
+        raise ValueError(f"{name} must have {allowed} dims, got shape {tuple(x.shape)}")
     if shape is not None and tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
 
@@ -80,7 +84,8 @@ def _validate(u, delta, A, B, C, D, z, bias, h0, step=False):
     groups = B.shape[1] if grouped else 1
     dstate = A.shape[1]
     if dim % groups != 0:
-        raise ValueError(f"dim={dim} must be divisible by groups={groups} (B has shape {tuple(B.shape)})")
+        raise ValueError(f"dim={dim} must be divisible by groups={groups} "
+                         f"(B has shape {tuple(B.shape)})")
     want = ((batch, groups) if grouped else (batch,)) + (dstate,) + tail
     for name, x, shp in (("B", B, want), ("C", C, want), ("D", D, (dim,)), ("z", z, u.shape),
                          ("dt_bias" if step else "delta_bias", bias, (dim,)),
@@ -91,10 +96,12 @@ def _validate(u, delta, A, B, C, D, z, bias, h0, step=False):
 
 
 # ----------------------------------------------------------------------------- PyTorch references
+# EXERCISE 3: done: pytest --exercise 3
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, initial_state=None):  # EXERCISE 3: done: pytest --exercise 3
-    """The specification: materialise exp(delta*A) for all steps, loop over L, let autograd differentiate.
-    Accumulates in float32 (float64 if any input is float64). y in u's dtype, last_state float32/64."""
+                       return_last_state=False, initial_state=None):
+    """The specification: materialise exp(delta*A) for all steps, loop over L, let autograd
+    differentiate. Accumulates in float32 (float64 if any input is float64). y in u's dtype,
+    last_state float32/64."""
     batch, dim, dstate, groups = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
     wt, delta = _delta(u, delta, A, B, delta_bias, delta_softplus)                # (b, d, l)
     B, C = (X.to(wt).reshape(batch, groups, dstate, -1).repeat_interleave(dim // groups, 1)
@@ -111,8 +118,10 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 
 def _delta(u, delta, A, B, bias, softplus):
-    """The working dtype (float32, float64 if any input is) and delta + bias, softplus'ed if asked."""
-    wt = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype, B.dtype) else torch.float32
+    """The working dtype (float32, float64 if any input is) and delta + bias, softplus'ed if
+    asked."""
+    dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype)
+    wt = torch.float64 if torch.float64 in dtypes else torch.float32
     delta = delta.to(wt)                                                           # (b, d, l)
     if bias is not None:
         delta = delta + bias.to(wt)[:, None]
@@ -144,9 +153,12 @@ def _add_last_axis(v):
     return v[..., None]
 
 
-def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One step of the recurrence (the scan at L=1 from `state`); updates state in place, returns y (b, d)."""
-    _validate(x, dt, A, B, C, D, z, dt_bias, state, step=True)                    # messages name x, dt, state
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                               dt_softplus=False):
+    """One step of the recurrence (the scan at L=1 from `state`); updates state in place,
+    returns y (b, d)."""
+    # messages name x, dt, state
+    _validate(x, dt, A, B, C, D, z, dt_bias, state, step=True)
     col = _add_last_axis                                                           # (..., 1)
     y, new = selective_scan_ref(col(x), col(dt), A, col(B), col(C), D, col(z), dt_bias, dt_softplus,
                                 True, state)                                       # (b, d, 1)
@@ -161,10 +173,13 @@ def _sigmoid(x):   # exp(-|x|) never overflows
 
 
 @triton.jit
-def _setup(A_ptr, D_ptr, bias_ptr, dim, L, dstate, dim_g, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _setup(A_ptr, D_ptr, bias_ptr,
+           dim, L, dstate, dim_g,
+           HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (b, g, block) owns channels d (BD,) of group g, all of n (BN,): masks, A (BD, BN), D, delta_bias
-    (BD,; zeros if absent, by all-false masks), offsets of rows of (b, d, l), (b, g, n, l), a (b, d, n) tile."""
+    """Program (b, g, block) owns channels d (BD,) of group g, all of n (BN,): masks, A (BD, BN),
+    D, delta_bias (BD,; zeros if absent, by all-false masks), offsets of rows of (b, d, l),
+    (b, g, n, l), a (b, d, n) tile."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     local = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)                     # (BD,) in g
@@ -184,7 +199,8 @@ def _setup(A_ptr, D_ptr, bias_ptr, dim, L, dstate, dim_g, HAS_D: tl.constexpr, H
 
 @triton.jit
 def _load_step(u_ptr, dt_ptr, B_ptr, row, bc, bias, mask_d, mask_n, SOFTPLUS: tl.constexpr):
-    """u_t (BD,), delta_t as the scan uses it (BD,), the raw value softplus saw, and B_t (BN,), all fp32."""
+    """u_t (BD,), delta_t as the scan uses it (BD,), the raw value softplus saw, and B_t (BN,),
+    all fp32."""
     u = tl.load(u_ptr + row, mask=mask_d, other=0.0).to(tl.float32)
     raw = tl.load(dt_ptr + row, mask=mask_d, other=0.0).to(tl.float32) + bias
     Bt = tl.load(B_ptr + bc, mask=mask_n, other=0.0).to(tl.float32)
@@ -194,17 +210,23 @@ def _load_step(u_ptr, dt_ptr, B_ptr, row, bc, bias, mask_d, mask_n, SOFTPLUS: tl
     return u, delta, raw, Bt
 
 
+# EXERCISE 4: done when pytest --exercise 4 passes
 @triton.jit
-def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, out_ptr, ckpt_ptr,
-                     dim, L, dstate, dim_g, n_ckpt, every,  # EXERCISE 4: done when pytest --exercise 4 passes
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (b, g, block): channels of group g in this block, all of dstate; loops over t = 0..L-1."""
+def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+                     out_ptr, ckpt_ptr,
+                     dim, L, dstate, dim_g, n_ckpt, every,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (b, g, block): channels of group g in this block, all of dstate; loops over
+    t = 0..L-1."""
     b, d, n, mask_d, mask_n, mask, A, Dv, bias, row, bc, state = _setup(
         A_ptr, D_ptr, bias_ptr, dim, L, dstate, dim_g, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
-    h = tl.load(h0_ptr + state, mask=mask & HAS_H0, other=0.0).to(tl.float32)     # (BD, BN), zeros if absent
+    # (BD, BN), zeros if absent
+    h = tl.load(h0_ptr + state, mask=mask & HAS_H0, other=0.0).to(tl.float32)
     for t in range(L):
-        u, delta, _, Bt = _load_step(u_ptr, dt_ptr, B_ptr, row + t, bc + t, bias, mask_d, mask_n, SOFTPLUS)
+        u, delta, _, Bt = _load_step(u_ptr, dt_ptr, B_ptr, row + t, bc + t, bias,
+                                     mask_d, mask_n, SOFTPLUS)
         Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)      # (BN,)
         h = tl.exp(delta[:, None] * A) * h + (delta * u)[:, None] * Bt[None, :]   # (BD, BN)
         y = tl.sum(h * Ct[None, :], axis=1) + Dv * u                              # (BD,)
@@ -212,60 +234,76 @@ def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
             zt = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
             y = y * zt * _sigmoid(zt)
         tl.store(out_ptr + row + t, y, mask=mask_d)
-        tt = t + tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.int32)                      # t as a tile (mask dtype)
-        keep = ((tt + 1) % every == 0) | (tt == L - 1)                             # checkpoint t // every
+        # h_t is checkpoint t // every if t ends a segment or the scan; tt: t as a tile (mask dtype)
+        tt = t + tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.int32)                      # (BD, BN)
+        keep = ((tt + 1) % every == 0) | (tt == L - 1)
         tl.store(ckpt_ptr + ((b * n_ckpt + t // every) * dim + d[:, None]) * dstate + n[None, :], h,
                  mask=mask & keep)
 
 
 @triton.jit
-def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, ckpt_ptr, dout_ptr,
-                     dlast_ptr, du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dh0_ptr,
+def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+                     ckpt_ptr, dout_ptr, dlast_ptr,
+                     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dh0_ptr,
                      dim, L, dstate, dim_g, n_ckpt, every,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Reverse-time scan t = L-1..0 carrying the adjoint dh_t = dLoss/dh_t; h_{t-1} is recomputed from the
-    checkpoint before t's segment. dA, dD, dB, dC are written as per-program partials (summed in PyTorch)."""
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Reverse-time scan t = L-1..0 carrying the adjoint dh_t = dLoss/dh_t; h_{t-1} is recomputed
+    from the checkpoint before t's segment. dA, dD, dB, dC are written as per-program partials
+    (summed in PyTorch)."""
     b, d, n, mask_d, mask_n, mask, A, Dv, bias, row, bc, state = _setup(
         A_ptr, D_ptr, bias_ptr, dim, L, dstate, dim_g, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
     program = (b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
     part = (program * dstate + n) * L                                              # (BN,) dB, dC
-    dh = tl.load(dlast_ptr + state, mask=mask, other=0.0)                         # adjoint of h_t, t = L-1
+    # adjoint of h_t, t = L-1
+    dh = tl.load(dlast_ptr + state, mask=mask, other=0.0)
     dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)                            # (BD, BN)
     dD = tl.zeros((BLOCK_D,), dtype=tl.float32)                                    # (BD,)
     for i in range(L):
         t = L - 1 - i
-        seg = t // every                                                           # h_{seg*every-1} saved
-        segs = seg + tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.int32)                  # as a tile (mask dtype)
-        h = tl.load(ckpt_ptr + ((b * n_ckpt + tl.maximum(seg - 1, 0)) * dim + d[:, None]) * dstate + n[None, :],
+        # t's segment seg starts from h_{seg*every-1}: checkpoint seg - 1, or h0 at seg 0;
+        # segs: seg as a tile (mask dtype)
+        seg = t // every
+        segs = seg + tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.int32)                  # (BD, BN)
+        prev = b * n_ckpt + tl.maximum(seg - 1, 0)                                 # its checkpoint
+        h = tl.load(ckpt_ptr + (prev * dim + d[:, None]) * dstate + n[None, :],
                     mask=mask & (segs > 0), other=0.0)
         h += tl.load(h0_ptr + state, mask=mask & (segs == 0) & HAS_H0, other=0.0).to(tl.float32)
-        # EXERCISE: keep the segment's states in registers (O(1) per step, not O(c)); done = tests pass
-        for s in range(seg * every, t):                                            # recompute h_{t-1}
-            us, ds, _, Bs = _load_step(u_ptr, dt_ptr, B_ptr, row + s, bc + s, bias, mask_d, mask_n, SOFTPLUS)
+        # EXERCISE: keep the segment's states in registers (O(1) per step, not O(c));
+        # done = tests pass
+        # recompute h_{t-1}
+        for s in range(seg * every, t):
+            us, ds, _, Bs = _load_step(u_ptr, dt_ptr, B_ptr, row + s, bc + s, bias,
+                                       mask_d, mask_n, SOFTPLUS)
             h = tl.exp(ds[:, None] * A) * h + (ds * us)[:, None] * Bs[None, :]
-        u, delta, raw, Bt = _load_step(u_ptr, dt_ptr, B_ptr, row + t, bc + t, bias, mask_d, mask_n, SOFTPLUS)
+        u, delta, raw, Bt = _load_step(u_ptr, dt_ptr, B_ptr, row + t, bc + t, bias,
+                                       mask_d, mask_n, SOFTPLUS)
         Ct = tl.load(C_ptr + bc + t, mask=mask_n, other=0.0).to(tl.float32)      # (BN,)
         dy = tl.load(dout_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)   # (BD,)
         a = tl.exp(delta[:, None] * A)                                             # (BD, BN)
         ah = a * h                                                                 # a_t * h_{t-1}
         h = ah + (delta * u)[:, None] * Bt[None, :]                                # h_t
-        if HAS_Z:                                                                  # out = y * silu(z)
+        # out = y * silu(z)
+        if HAS_Z:
             zt = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
             sig = _sigmoid(zt)
             y = tl.sum(h * Ct[None, :], axis=1) + Dv * u
             tl.store(dz_ptr + row + t, dy * y * sig * (1.0 + zt * (1.0 - sig)), mask=mask_d)
             dy = dy * zt * sig
         dD += dy * u
-        dh += dy[:, None] * Ct[None, :]                                            # y_t = <C_t, h_t> + ...
+        # y_t = <C_t, h_t> + ...
+        dh += dy[:, None] * Ct[None, :]
         tl.store(dC_ptr + part + t, tl.sum(dy[:, None] * h, axis=0), mask=mask_n)
         tl.store(dB_ptr + part + t, tl.sum(dh * (delta * u)[:, None], axis=0), mask=mask_n)
         dhB = tl.sum(dh * Bt[None, :], axis=1)                                     # (BD,)
         tl.store(du_ptr + row + t, dhB * delta + Dv * dy, mask=mask_d)
-        ddelta = (dhB * u + tl.sum(dh * A * ah, axis=1)) * (_sigmoid(raw) if SOFTPLUS else 1.0)  # softplus'
+        # times softplus'(raw) = sigmoid(raw)
+        ddelta = (dhB * u + tl.sum(dh * A * ah, axis=1)) * (_sigmoid(raw) if SOFTPLUS else 1.0)
         tl.store(ddt_ptr + row + t, ddelta, mask=mask_d)
         dA += dh * delta[:, None] * ah
-        dh = dh * a                                                                # -> adjoint of h_{t-1}
+        # -> adjoint of h_{t-1}
+        dh = dh * a
     tl.store(dh0_ptr + state, dh, mask=mask)
     tl.store(dA_ptr + state, dA, mask=mask)
     tl.store(dD_ptr + b * dim + d, dD, mask=mask_d)
@@ -298,7 +336,8 @@ def _or_u(u, *xs):
 
 
 def _forward(u, delta, A, B, C, D, z, bias, h0, softplus, ckpt):
-    """Run the forward kernel; ckpt (b, cdiv(L, CHECKPOINT_EVERY), d, n) receives the checkpoints."""
+    """Run the forward kernel; ckpt (b, cdiv(L, CHECKPOINT_EVERY), d, n) receives the
+    checkpoints."""
     grid, dim_g, meta = _launch(u, A, B, backward=False)
     batch, dim, L = u.shape
     out = torch.empty_like(u)                                                      # (b, d, l)
@@ -320,7 +359,8 @@ class _ScanTriton(torch.autograd.Function):
         ctx.flags = _flags(D, z, bias, h0, softplus)
         ctx.every = CHECKPOINT_EVERY
         ctx.save_for_backward(u, delta, A, B, C, *_or_u(u, D, z, bias, h0), ckpt)
-        return out, ckpt[:, -1]                                                    # y, last state (b, d, n)
+        # y, last state (b, d, n)
+        return out, ckpt[:, -1]
 
     @staticmethod
     def backward(ctx, dout, dlast):
@@ -335,29 +375,36 @@ class _ScanTriton(torch.autograd.Function):
         _scan_bwd_kernel[grid](u, delta, A, B, C, D, z, bias, h0, ckpt, dout.contiguous(),
                                dlast.float().contiguous(), du, ddelta, dA, dB, dC, dD, dz, dh0,
                                dim, L, dstate, dim_g, ckpt.shape[1], ctx.every, **ctx.flags, **meta)
-        grads = (du, ddelta, dA.sum(0), dB.sum(2), dC.sum(2), dD.sum(0), dz, ddelta.sum((0, 2)), dh0)
-        ins = (u, delta, A, B, C, D, z, bias, h0)                                  # grads: same dtypes
+        ddelta_bias = ddelta.sum((0, 2))                                           # (d,)
+        grads = (du, ddelta, dA.sum(0), dB.sum(2), dC.sum(2), dD.sum(0), dz, ddelta_bias, dh0)
+        # grads: same dtypes
+        ins = (u, delta, A, B, C, D, z, bias, h0)
         wanted = zip(grads, ins, ctx.needs_input_grad)
         return tuple(g.to(x.dtype) if needed else None for g, x, needed in wanted) + (None,)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, initial_state=None):
-    """Same contract as selective_scan_ref, computed by the Triton kernels (interpreter on a CPU)."""
+    """Same contract as selective_scan_ref, computed by the Triton kernels (interpreter on a
+    CPU)."""
     _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
     B, C = (X if X.dim() == 4 else X[:, None] for X in (B, C))                    # (b, g, n, l)
-    c = [None if x is None else x.contiguous() for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    c = [None if x is None else x.contiguous() for x in inputs]
     y, last = _ScanTriton.apply(*c, delta_softplus)
     return (y, last) if return_last_state else y
 
 
-def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One step: the forward kernel at L = 1 reads its initial state from `state` and writes its last state
-    (its only checkpoint) back into it -- in place, as each program reads its own tile before writing it."""
+def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                                  dt_softplus=False):
+    """One step: the forward kernel at L = 1 reads its initial state from `state` and writes its
+    last state (its only checkpoint) back into it -- in place, as each program reads its own tile
+    before writing it."""
     _validate(x, dt, A, B, C, D, z, dt_bias, state, step=True)
     s = state.contiguous()                                                         # (b, d, n)
     B, C = (v[:, None] if v.dim() == 2 else v for v in (B, C))                    # (b, g, n)
-    x, dt, A, B, C, D, z, dt_bias = (None if v is None else v.contiguous() for v in (x, dt, A, B, C, D, z, dt_bias))
+    inputs = (x, dt, A, B, C, D, z, dt_bias)
+    x, dt, A, B, C, D, z, dt_bias = (None if v is None else v.contiguous() for v in inputs)
     col = _add_last_axis                                                           # (..., 1): L = 1
     y = _forward(col(x), col(dt), A, col(B), col(C), D, col(z), dt_bias, s, dt_softplus, s[:, None])
     if s is not state:
@@ -366,21 +413,26 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
 
 
 # ----------------------------------------------------------------------------- CPU fast path
-TORCH_CHUNK = 1 << 17    # state elements (batch_chunk * dim * dstate) per step of the CPU path: 512 KB fp32
+# state elements (batch_chunk * dim * dstate) per step of the CPU path: 512 KB fp32
+TORCH_CHUNK = 1 << 17
 
 
 class _ScanTorch(torch.autograd.Function):
-    """The recurrence step by step over batch chunks that fit in the cache; state dstate-major (n, b, g, dg) so
-    products broadcast and sums over n add whole slabs; exp(x) as exp2(x log2 e) (~4x faster on CPUs); big
-    temporaries preallocated (fresh pages are slow); a hand-written backward recomputing the chunk's states.
-    Inputs float32/64, time-major: u, delta (l, b, d), delta biased and softplus'ed; B, C (l, n, b, g)."""
+    """The recurrence step by step over batch chunks that fit in the cache; state dstate-major
+    (n, b, g, dg) so products broadcast and sums over n add whole slabs; exp(x) as exp2(x log2 e)
+    (~4x faster on CPUs); big temporaries preallocated (fresh pages are slow); a hand-written
+    backward recomputing the chunk's states. Inputs float32/64, time-major: u, delta (l, b, d),
+    delta biased and softplus'ed; B, C (l, n, b, g)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0):
-        y, last = torch.empty_like(u), torch.empty_like(h0)                        # (l, b, d), (n, b, d)
+        # (l, b, d), (n, b, d)
+        y, last = torch.empty_like(u), torch.empty_like(h0)
         for rows, Hs, As, (tmp, _, _) in _chunk_states(u, delta, A, B, h0):
-            for t in range(u.shape[0]):                                            # y_t = <C_t, h_t>
-                torch.sum(torch.mul(Hs[t + 1], C[t, :, rows, :, None], out=tmp), 0, out=y[t, rows].view(tmp.shape[1:]))
+            # y_t = <C_t, h_t>
+            for t in range(u.shape[0]):
+                yt = y[t, rows].view(tmp.shape[1:])                                # (bc, g, dg)
+                torch.sum(torch.mul(Hs[t + 1], C[t, :, rows, :, None], out=tmp), 0, out=yt)
             last[:, rows] = Hs[-1].reshape(last[:, rows].shape)
         ctx.save_for_backward(u, delta, A, B, C, h0)
         return y, last
@@ -400,26 +452,33 @@ class _ScanTorch(torch.autograd.Function):
             shp = (1,) + dh.shape[1:]                                              # (1, bc, g, dg)
             dh.copy_(dlast[:, rows].view(dh.shape))                                # dh_{L-1}
             dA_c.zero_()
-            for t in range(L - 1, -1, -1):                                         # reverse-time scan
+            # reverse-time scan
+            for t in range(L - 1, -1, -1):
                 dyt, dlt, ut = dy[t, rows].view(shp), delta[t, rows].view(shp), u[t, rows].view(shp)
                 Bt, Ct = B[t, :, rows, :, None], C[t, :, rows, :, None]            # (n, bc, g, 1)
-                dh.addcmul_(dyt, Ct)                                               # dh_t += dy_t C_t
-                torch.sum(torch.mul(Hs[t + 1], dyt, out=tmp), -1, out=dC[t, :, rows])   # sum_d dy_t h_t
-                torch.sum(torch.mul(dh, dlt * ut, out=tmp), -1, out=dB[t, :, rows])     # sum_d dh_t dl_t u_t
+                # dh_t += dy_t C_t
+                dh.addcmul_(dyt, Ct)
+                # sum_d dy_t h_t
+                torch.sum(torch.mul(Hs[t + 1], dyt, out=tmp), -1, out=dC[t, :, rows])
+                # sum_d dh_t dl_t u_t
+                torch.sum(torch.mul(dh, dlt * ut, out=tmp), -1, out=dB[t, :, rows])
                 dhB = torch.mul(dh, Bt, out=tmp).sum(0, keepdim=True)              # (1, bc, g, dg)
-                torch.mul(As[t], Hs[t], out=tmp).mul_(dh)                          # dh_t a_t h_{t-1}
+                # dh_t a_t h_{t-1}
+                torch.mul(As[t], Hs[t], out=tmp).mul_(dh)
                 dA_c.addcmul_(tmp, dlt)
                 du[t, rows] = (dhB * dlt).view(-1, dim)
                 ddelta[t, rows] = (tmp.mul_(An).sum(0, keepdim=True) + dhB * ut).view(-1, dim)
-                dh.mul_(As[t])                                                     # -> adjoint of h_{t-1}
+                # -> adjoint of h_{t-1}
+                dh.mul_(As[t])
             dA += dA_c.sum(1, keepdim=True)
             dh0[:, rows] = dh.reshape(n, -1, dim)
         return du, ddelta, dA.view(n, dim).t(), dB, dC, dh0
 
 
 def _chunk_states(u, delta, A, B, h0):
-    """For each batch chunk: its rows, its states Hs = h_{-1..L-1} (L+1, n, bc, g, dg), As = a_t (L, n, bc, g,
-    dg) with a_t = exp(delta_t A) = exp2(delta_t A log2 e), and 3 scratch states. Buffers are reused."""
+    """For each batch chunk: its rows, its states Hs = h_{-1..L-1} (L+1, n, bc, g, dg),
+    As = a_t (L, n, bc, g, dg) with a_t = exp(delta_t A) = exp2(delta_t A log2 e), and 3 scratch
+    states. Buffers are reused."""
     (L, batch, dim), n, g = u.shape, A.shape[1], B.shape[3]
     A2 = (A * 1.4426950408889634).t().reshape(n, 1, g, -1)                         # (n, 1, g, dg)
     step = max(1, TORCH_CHUNK // (dim * n))                                        # per chunk
@@ -427,12 +486,14 @@ def _chunk_states(u, delta, A, B, h0):
     for b0 in range(0, batch, step):
         rows = slice(b0, b0 + step)
         bc = min(step, batch - b0)                                                 # in this one
-        H, At = Hs[:, :, :bc], As[:, :, :bc]                                       # this chunk's part
+        # this chunk's part
+        H, At = Hs[:, :, :bc], As[:, :, :bc]
         H[0] = h0[:, rows].view(n, bc, g, -1)
         for t in range(L):
             dl = delta[t, rows].view(1, bc, g, -1)                                 # (1, bc, g, dg)
             torch.exp2(torch.mul(dl, A2, out=At[t]), out=At[t])                    # a_t
-            torch.mul(At[t], H[t], out=H[t + 1]).addcmul_(dl * u[t, rows].view_as(dl), B[t, :, rows, :, None])
+            dl_u = dl * u[t, rows].view_as(dl)                                     # (1, bc, g, dg)
+            torch.mul(At[t], H[t], out=H[t + 1]).addcmul_(dl_u, B[t, :, rows, :, None])
         yield rows, H, At, work[:, :, :bc]
 
 
@@ -443,11 +504,13 @@ def _time_major(x, wt):
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False, initial_state=None):
-    """Same contract as selective_scan_ref; the CPU fast path. Bias, softplus, D and z stay in autograd."""
+    """Same contract as selective_scan_ref; the CPU fast path. Bias, softplus, D and z stay in
+    autograd."""
     batch, dim, dstate, groups = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
     wt, dl = _delta(u, delta, A, B, delta_bias, delta_softplus)                   # (b, d, l)
     h0 = _initial(initial_state, u, batch, dim, dstate, wt)                        # (b, d, n)
-    BC = [(x if x.dim() == 4 else x[:, None]).to(wt).permute(3, 2, 0, 1).contiguous() for x in (B, C)]  # l n b g
+    BC = [(x if x.dim() == 4 else x[:, None]).to(wt) for x in (B, C)]              # (b, g, n, l)
+    BC = [x.permute(3, 2, 0, 1).contiguous() for x in BC]                          # (l, n, b, g)
     h0 = h0.permute(2, 0, 1).contiguous()                                          # (n, b, d)
     A = A.to(wt).contiguous()                                                      # (d, n)
     y, last = _ScanTorch.apply(_time_major(u, wt), _time_major(dl, wt), A, *BC, h0)
@@ -456,12 +519,14 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return (y, last) if return_last_state else y
 
 
-# ----------------------------------------------------------------------------- dispatch (what the model calls)
+# ---------------------------------------------------------------- dispatch (what the model calls)
 def _path(x):
     path = SCAN_PATH if SCAN_PATH != "auto" else ("triton" if x.is_cuda else "torch")
     if path not in ("triton", "torch", "ref"):
-        raise ValueError(f'kernels.SCAN_PATH must be "auto", "triton", "torch" or "ref", got {SCAN_PATH!r}')
-    if path not in _announced:                                                     # say it once per path
+        raise ValueError('kernels.SCAN_PATH must be "auto", "triton", "torch" or "ref", '
+                         f"got {SCAN_PATH!r}")
+    # say it once per path
+    if path not in _announced:
         _announced.add(path)
         print(f"kernels: selective scan on {x.device} runs the {path} path", file=sys.stderr)
     return path
@@ -469,9 +534,11 @@ def _path(x):
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, initial_state=None):
-    """y = S6 scan of u over its last axis (see the module docstring); Triton on CUDA, else the torch path."""
+    """y = S6 scan of u over its last axis (see the module docstring); Triton on CUDA, else the
+    torch path."""
     fn = {"triton": selective_scan_triton, "torch": selective_scan_torch, "ref": selective_scan_ref}
-    return fn[_path(u)](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+    return fn[_path(u)](u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                        return_last_state, initial_state)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
@@ -482,7 +549,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 
 # ----------------------------------------------------------------------------- `python kernels.py`
 def _inputs(batch, dim, L, dstate=16, device="cpu"):
-    """Inputs like the History Compressor's: S4D-real A = -(1..n), softplus'ed delta with a bias, D, z."""
+    """Inputs like the History Compressor's: S4D-real A = -(1..n), softplus'ed delta with a bias,
+    D, z."""
     torch.manual_seed(0)
     u = torch.randn(batch, dim, L, device=device)
     delta = torch.randn(batch, dim, L, device=device) - 3
@@ -496,7 +564,8 @@ def _inputs(batch, dim, L, dstate=16, device="cpu"):
 
 
 def _time_ms(fn, args, backward, reps):
-    best = float("inf")                                                            # fastest of reps, in ms
+    # fastest of reps, in ms
+    best = float("inf")
     for _ in range(reps):
         x = [a.detach().requires_grad_(backward) if torch.is_tensor(a) else a for a in args]
         t0 = time.perf_counter()
@@ -511,21 +580,29 @@ def _time_ms(fn, args, backward, reps):
 
 def main():
     import argparse
-    p = argparse.ArgumentParser(description="Check the selective-scan paths against the reference, then time "
-                                "forward and forward+backward at AUSM's shapes (dstate 16, softplus, D, z).")
-    p.add_argument("--quick", action="store_true", help="only batch 512 (2 clips x 16 x 16 pixels)")
-    p.add_argument("--reps", type=int, default=2, help="timed runs per cell; the table shows the fastest")
-    p.add_argument("--ref-max", type=float, default=1.1e6, help="time the reference loop only up to this batch*dim*L")
+    p = argparse.ArgumentParser(description="Check the selective-scan paths against the reference, "
+                                "then time forward and forward+backward at AUSM's shapes "
+                                "(dstate 16, softplus, D, z).")
+    p.add_argument("--quick", action="store_true",
+                   help="only batch 512 (2 clips x 16 x 16 pixels)")
+    p.add_argument("--reps", type=int, default=2,
+                   help="timed runs per cell; the table shows the fastest")
+    p.add_argument("--ref-max", type=float, default=1.1e6,
+                   help="time the reference loop only up to this batch*dim*L")
     args = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     triton_name = "triton" if dev == "cuda" else "triton (interpreter)"
     paths = {"ref (autograd loop)": selective_scan_ref, "torch (fast path)": selective_scan_torch,
              triton_name: selective_scan_triton}
     for name, fn in list(paths.items())[1:]:                                       # 1) correctness
-        err = (fn(*_inputs(3, 8, 5, 4, dev)) - selective_scan_ref(*_inputs(3, 8, 5, 4, dev))).abs().max().item()
+        y = fn(*_inputs(3, 8, 5, 4, dev))
+        y_ref = selective_scan_ref(*_inputs(3, 8, 5, 4, dev))
+        err = (y - y_ref).abs().max().item()
         print(f"{name:24s} max |y - y_ref| = {err:.1e}  {'ok' if err < 1e-4 else 'WRONG'}")
-    paths = {k: v for k, v in paths.items() if dev == "cuda" or "interpreter" not in k}  # meaningless timings
-    print(f"\n{'batch':>6s} {'dim':>4s} {'L':>3s}" + "".join(f"{n + ' fwd / fwd+bwd ms':>42s}" for n in paths))
+    # the interpreter's timings are meaningless: not timed
+    paths = {k: v for k, v in paths.items() if dev == "cuda" or "interpreter" not in k}
+    header = "".join(f"{n + ' fwd / fwd+bwd ms':>42s}" for n in paths)
+    print(f"\n{'batch':>6s} {'dim':>4s} {'L':>3s}" + header)
     batches = (512,) if args.quick else (512, 2048)
     shapes = [(b, d, L) for b in batches for d in (128, 512) for L in (3, 5, 16)]
     for batch, dim, L in shapes:                                                   # 2) benchmark
@@ -534,12 +611,18 @@ def main():
             skip = fn is selective_scan_ref and batch * dim * L > args.ref_max
             cells += f"{'-':>42s}" if skip else "{:>31.1f} / {:8.1f}".format(
                 *(_time_ms(fn, x, bwd, args.reps) for bwd in (False, True)))
-        nbytes = 4 * (4 * batch * dim * L + 2 * batch * 16 * L + batch * dim * 16 * -(-L // CHECKPOINT_EVERY))
-        gbs = f"  triton fwd {nbytes / _time_ms(paths['triton'], x, False, 3) / 1e6:.0f} GB/s" if dev == "cuda" else ""
-        print(f"{batch:6d} {dim:4d} {L:3d}" + cells + gbs, flush=True)  # peak: tests/gpu_check.py
-    if not args.quick:                                                             # 3) the 10x target
+        n_ckpt = -(-L // CHECKPOINT_EVERY)
+        nbytes = 4 * (4 * batch * dim * L + 2 * batch * 16 * L + batch * dim * 16 * n_ckpt)
+        # bandwidth: compare with the device's peak (tests/gpu_check.py)
+        gbs = ""
+        if dev == "cuda":
+            gbs = f"  triton fwd {nbytes / _time_ms(paths['triton'], x, False, 3) / 1e6:.0f} GB/s"
+        print(f"{batch:6d} {dim:4d} {L:3d}" + cells + gbs, flush=True)
+    # 3) the 10x target
+    if not args.quick:
         x = _inputs(2048, 128, 16, 16, dev)
-        ref, fast = (_time_ms(fn, x, True, args.reps) for fn in (selective_scan_ref, selective_scan_torch))
+        ref = _time_ms(selective_scan_ref, x, True, args.reps)
+        fast = _time_ms(selective_scan_torch, x, True, args.reps)
         print(f"\nfwd+bwd at 2048 x 128 x L 16 x dstate 16: ref {ref:.0f} ms, torch {fast:.0f} ms: "
               f"{ref / fast:.1f}x (target >= 10x)")
 

@@ -264,7 +264,8 @@ def main(argv=None):
 
 def report(todo):
     """Compile each (launch, target), print a table row per compilation; return the failures."""
-    print(f"| {'kernel':16s} | {'target':6s} | {'u/dt/B/A':19s} | {'constexprs':16s} | regs | spills | first scenario")
+    header = f"| {'kernel':16s} | {'target':6s} | {'u/dt/B/A':19s} | {'constexprs':16s} |"
+    print(header + " regs | spills | first scenario")
     print(f"|{'-' * 18}|{'-' * 8}|{'-' * 21}|{'-' * 18}|------|--------|---------------")
     failures = []
     for launch, target in todo:

@@ -50,7 +50,8 @@ def run(cmd, timeout, rows, label):
         status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
     except subprocess.TimeoutExpired as e:
         out = e.stdout or ""
-        if isinstance(out, bytes):                                                 # as POSIX gives it
+        # the partial output comes as bytes, as POSIX gives it
+        if isinstance(out, bytes):
             out = out.decode(errors="replace")
         status = f"TIMED OUT after {timeout} s"
     seconds = time.perf_counter() - t0
