@@ -556,6 +556,17 @@ class AUSM(nn.Module):
         G = F_t + self.decoder(X_seq, F_t, pos)  # (n, P, D): G_t (F_t + is ours, see the header)
         return self.pixel_decoder(G, f4, id_vecs, live, (h, w), dataset)  # y_trk and y_det
 
+    # EXERCISE 10: write embed (Alg. 2's E_t for every t at once); done when
+    # `python -m pytest --exercise 10` passes
+    def embed(self, X_1T, id_vecs, M_prev):  # X_1T (b, T, D, h, w); id_vecs (b*T, N, D)
+        """E_t = X_{t-1} + S_t for t = 1..T, X_0 (the start token) before frame 1; S_t the History
+        Marker of the ID vectors and M_prev (b*T, N, Hm, Wm). -> E (b, T, D, h, w)."""
+        b, T, D, h, w = X_1T.shape
+        X_0 = self.X_0.view(1, 1, D, 1, 1).expand(b, 1, D, h, w)  # (b, 1, D, h, w): start token
+        X_prev = torch.cat([X_0, X_1T[:, :-1]], 1)  # (b, T, D, h, w): X_{t-1}, shifted by one frame
+        S = self.marker(id_vecs, M_prev, (h, w)).unflatten(0, (b, T))  # (b, T, D, h, w): S_t
+        return X_prev + S  # (b, T, D, h, w)  Alg. 2: E_t = X_{t-1} + S_t for every t at once
+
     def forward(self, frames, ids, history, tracked, dataset="synthetic"):
         """The parallel, teacher-forced form (Alg. 2 l.4-7): every frame of b clips at once.
 
@@ -571,15 +582,11 @@ class AUSM(nn.Module):
         D = self.cfg.D
         X, f4 = self.backbone(frames.flatten(0, 1))  # (b*T, D, h, w): X_1..X_T; f4 (b*T, width, ..)
         h, w = X.shape[-2:]
-        X_0 = self.X_0.view(1, 1, D, 1, 1).expand(b, 1, D, h, w)  # (b, 1, D, h, w): start token
-        X_1T = X.unflatten(0, (b, T))  # (b, T, D, h, w)
-        X_prev = torch.cat([X_0, X_1T[:, :-1]], 1)  # (b, T, D, h, w): X_{t-1}, shifted by one frame
         live = tracked.bool() & (ids >= 0)[:, None]  # (b, T, N): slot i is in A_{t-1}
         id_vecs = self.B[ids.clamp(min=0)]  # (b, N, D): every slot's ID vector
         id_vecs = id_vecs[:, None].expand(b, T, N, D).flatten(0, 1)  # (b*T, N, D)
         M_prev = (history * live[..., None, None]).flatten(0, 1)  # (b*T, N, Hm, Wm): M_{t-1}
-        S = self.marker(id_vecs, M_prev, (h, w)).unflatten(0, (b, T))  # (b, T, D, h, w): S_t
-        E = X_prev + S  # (b, T, D, h, w)  Alg. 2: E_t = X_{t-1} + S_t for every t at once
+        E = self.embed(X.unflatten(0, (b, T)), id_vecs, M_prev)  # (b, T, D, h, w): E_1..E_T
         pos = sine_pos(h, w, D, X.device)  # (P, D)
         E_seq = rearrange(E, "b t d h w -> b t (h w) d")  # (b, T, P, D)
         F_1T = self.compressor(E_seq, pos)  # (b, T, P, D)  Alg. 2: F_1..F_T, one scan over T

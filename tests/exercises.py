@@ -69,6 +69,17 @@ EXERCISES = {
     9: Exercise("Open-ended: box prompts become mask prompts", "infer:box_to_mask",
                 "AUSM future work (boxes, points); PAPER.md Sec. 6",
                 "tests/test_exercise_oracles.py -k box_prompt", "a project (hours)", 1),
+    10: Exercise("The one-frame shift: E_t = X_{t-1} + S_t, the start token X_0", "ausm:AUSM.embed",
+                 "AUSM Sec. 2.1 (Eq. 2), Sec. 2.3 (Alg. 2)",
+                 "tests/test_ausm.py -k 'parallel_equals_recurrent or causality or "
+                 "compressor_sees_the_previous_frame_not_the_current[False] or "
+                 "every_parameter_gets_gradient'", "20-30", 6),
+    11: Exercise("Tracking loss: fixed query <-> instance, absent = no object",
+                 "train:_tracking_loss", "AUSM Sec. 2.3 (L_trk), Alg. 2",
+                 "tests/test_train.py -k criterion", "45-60", 5),
+    12: Exercise("Detection loss: Hungarian matching per frame, no-object weight",
+                 "train:_detection_loss", "AUSM Sec. 2.3 (L_det), Mask2Former",
+                 "tests/test_train.py -k criterion", "45-60", 5),
 }
 ORIGINALS = {}  # exercise -> the implementation a swap replaced (wrong versions may wrap it)
 

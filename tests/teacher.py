@@ -254,6 +254,79 @@ def box_by_colour(frame, box, tol=0.15, tol2=0.35):
     return m
 
 
+# ------------------------------------------------------------------ exercise 10: AUSM.embed
+def embed_no_shift(self, X_1T, id_vecs, M_prev):
+    """E_t = X_t + S_t: each frame's own features, not the previous frame's (still causal)."""
+    b, T, D, h, w = X_1T.shape
+    S = self.marker(id_vecs, M_prev, (h, w)).unflatten(0, (b, T))  # (b, T, D, h, w)
+    return X_1T + S  # BUG: X_t, not X_{t-1}
+
+
+def embed_zero_start_token(self, X_1T, id_vecs, M_prev):
+    """The shift is right but frame 1 gets zeros instead of the learned start token X_0."""
+    b, T, D, h, w = X_1T.shape
+    X_0 = torch.zeros(b, 1, D, h, w)  # BUG: not self.X_0
+    X_prev = torch.cat([X_0, X_1T[:, :-1]], 1)  # (b, T, D, h, w)
+    S = self.marker(id_vecs, M_prev, (h, w)).unflatten(0, (b, T))  # (b, T, D, h, w)
+    return X_prev + S
+
+
+# ------------------------------------------------------------------ exercise 11: _tracking_loss
+def tracking_loss_hungarian(fg, cls, masks, batch, lab, K):
+    """The tracking queries matched to the tracked, visible instances by Hungarian matching, as
+    the detection loss does: query i is no longer bound to instance i, absent ones drop out."""
+    import train
+    N = lab.shape[-1]
+    both = [fg[..., :N], fg[..., :N]]  # the tracking queries twice: the second copy gets matched
+    fg2 = torch.cat(both, -1)  # (P, b, T, 2N)
+    cls2 = None if cls is None else torch.cat([cls[..., :N, :], cls[..., :N, :]], -2)
+    masks2 = torch.cat([masks[:, :, :, :N], masks[:, :, :, :N]], 3)  # (P, b, T, 2N, h, w)
+    batch2 = dict(batch, det=batch["tracked"] & batch["visible"])  # BUG: matched, not fixed
+    return train._detection_loss(fg2, cls2, masks2, batch2, lab, K)
+
+
+def tracking_loss_absent_ignored(fg, cls, masks, batch, lab, K):
+    """A tracked object absent from the frame is skipped (weight 0, no mask loss) instead of being
+    "no object" with an empty mask: nothing teaches the query to let go."""
+    batch2 = dict(batch, tracked=batch["tracked"] & batch["visible"])  # BUG
+    return exercises.ORIGINALS[11](fg, cls, masks, batch2, lab, K)
+
+
+# ------------------------------------------------------------------ exercise 12: _detection_loss
+def detection_loss_fixed_order(fg, cls, masks, batch, lab, K):
+    """Detection query N+j is given the frame's j-th detection target (in instance order), no
+    matching: the loss depends on the order of the queries."""
+    import train
+    real = train.hungarian
+
+    def in_order(cost):
+        k = min(cost.shape)
+        return np.arange(k), np.arange(k)  # BUG: query j <-> target j
+    train.hungarian = in_order
+    try:
+        return exercises.ORIGINALS[12](fg, cls, masks, batch, lab, K)
+    finally:
+        train.hungarian = real
+
+
+def detection_loss_tracked_as_targets(fg, cls, masks, batch, lab, K):
+    """Every visible object is a detection target, the tracked ones too (det = visible)."""
+    batch2 = dict(batch, det=batch["visible"])  # BUG: should be visible and not tracked
+    return exercises.ORIGINALS[12](fg, cls, masks, batch2, lab, K)
+
+
+def detection_loss_no_empty_weight(fg, cls, masks, batch, lab, K):
+    """The unmatched detection queries' "no object" CE weighted 1, not 0.1: with 5+ empty queries
+    per object, the queries learn to say "no object"."""
+    import train
+    real = train.NO_OBJECT_WEIGHT
+    train.NO_OBJECT_WEIGHT = 1.0  # BUG: Mask2Former's empty weight is 0.1
+    try:
+        return exercises.ORIGINALS[12](fg, cls, masks, batch, lab, K)
+    finally:
+        train.NO_OBJECT_WEIGHT = real
+
+
 # ------------------------------------------------------------------ the tables the meta-test reads
 WRONG = {  # exercise -> the wrong versions its check must reject
     1: (marker_sum, marker_pool_sides_swapped, marker_bilinear),
@@ -265,6 +338,10 @@ WRONG = {  # exercise -> the wrong versions its check must reject
     7: (davis_f_floor,),
     8: (segment_repeating_ends, segment_prompts_every_pass),
     9: (box_as_rectangle,),
+    10: (embed_no_shift, embed_zero_start_token),
+    11: (tracking_loss_hungarian, tracking_loss_absent_ignored),
+    12: (detection_loss_fixed_order, detection_loss_tracked_as_targets,
+         detection_loss_no_empty_weight),
 }
 SOLUTIONS = {9: box_by_colour}  # open-ended exercises: one way to pass (the bar can be met)
 FACTORIES = (scan_fwd_no_euler_delta,)  # built on first use (they define Triton kernels)

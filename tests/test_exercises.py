@@ -8,7 +8,8 @@ for each wrong version in tests/teacher.py, where the check must fail too. That 
 implementation passes is the normal suite's job (the same tests run there); the open-ended
 exercise 9 has no implementation in the code, so its sample solution is swapped in and must pass.
 Also: `blank` rewrites only the target's body, a blanked file fails its check end to end, a handout
-holds no teacher's material and no solution text, and `--exercise 10` is a one-line error."""
+holds no teacher's material and no solution text, and an unknown `--exercise N` is a one-line
+error."""
 import ast
 import os
 import re
@@ -179,7 +180,7 @@ def paste_reference_back(folder, n):
 
 def test_handout_has_no_teacher_material_and_its_checks_work(tmp_path):
     out = tmp_path / "handout"
-    blanked = [1, 2, 3, 4, 5, 6, 7, 8]
+    blanked = [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12]
     done = run(["tests/exercises.py", "handout", *map(str, blanked), "9", "--out", str(out)])
     assert done.returncode == 0, done.stderr
     names = set()
@@ -219,9 +220,10 @@ def test_handout_refuses_an_existing_folder(tmp_path):
 
 
 def test_unknown_exercise_is_a_one_line_error():
-    done = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--exercise", "10"])
+    unknown = max(exercises.EXERCISES) + 1
+    done = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--exercise", str(unknown)])
     assert done.returncode == 4, done.stdout + done.stderr  # a usage error, not 3 (internal error)
     assert "INTERNALERROR" not in done.stdout + done.stderr
     known = sorted(exercises.EXERCISES)
-    want = f"ERROR: --exercise 10: there are exercises {known}; see EXERCISES.md"
+    want = f"ERROR: --exercise {unknown}: there are exercises {known}; see EXERCISES.md"
     assert done.stderr.strip().splitlines() == [want], done.stderr

@@ -227,6 +227,31 @@ def test_criterion_zero_logits_hand_computed():
         assert loss.item() == pytest.approx(P * sum(want.values()), rel=1e-5)
 
 
+def test_criterion_no_object_weight_hand_computed():
+    """One foreground logit x for every query, no classes, zero masks: the CE terms are weighted
+    means of softplus(-x) (an object) and softplus(x) ("no object", weight 0.1, Mask2Former's):
+    tracking query i is "no object" where its tracked instance i is absent; min(m, Nd) detection
+    queries are matched in a frame with m detection targets (the matching is a tie), the others
+    are "no object"."""
+    batch = make_batch(seed=3, line=True)
+    P, Nd, x = 2, 5, 2.0
+    tgt, trk, vis, det = batch["targets"], batch["tracked"], batch["visible"], batch["det"]
+    B, T, N, h, w = tgt.shape
+    fg = torch.full((P, B, T, N + Nd), x)
+    out = {"fg": fg, "cls": None, "masks": torch.zeros(P, B, T, N + Nd, h, w)}
+    _, parts = train.criterion(out, batch)
+    obj = math.log1p(math.exp(-x))  # the BCE of logit x against target 1
+    empty = math.log1p(math.exp(x))  # and against target 0
+    n_obj = (trk & vis).sum().item()
+    n_empty = (trk & ~vis).sum().item()
+    trk_cls = (n_obj * obj + 0.1 * n_empty * empty) / (n_obj + 0.1 * n_empty)
+    m = det.sum(-1).clamp(max=Nd).flatten().tolist()  # matched detection queries per frame
+    det_cls = sum(k * obj + 0.1 * (Nd - k) * empty for k in m) / sum(k + 0.1 * (Nd - k) for k in m)
+    assert 0 < sum(m) < Nd * len(m)  # both matched and unmatched queries: the weight matters
+    assert parts["trk_cls"] == pytest.approx(P * 2 * trk_cls, rel=1e-5)  # W_CLS = 2
+    assert parts["det_cls"] == pytest.approx(P * 2 * det_cls, rel=1e-5)
+
+
 def test_criterion_detection_order_does_not_matter_and_deep_supervision_sums():
     batch = make_batch(seed=1)
     N = batch["ids"].shape[1]
