@@ -35,11 +35,8 @@ Differs from the paper (each a [D] decision in PAPER.md, except the first, ours 
     of the current frame starts with its own history. Without it a small model trained from
     scratch must first learn local attention from sine positions: tracking Dice stayed at chance
     for 2,000+ iterations; with it, it falls within ~200 (README).
-  - The History Marker on the feature grid: masks are area-pooled to h x w first and S_t's
-    division runs per grid cell, so a cell that one object touches at all (even 1 of its 64
-    pixels) gets ~that object's full ID vector, and a cell several objects touch gets their ID
-    vectors averaged, weighted by the share of the cell each covers. A partly covered cell's
-    vector is not scaled down by its share (not occupancy-weighted; `HistoryMarker`).
+  - The History Marker runs on the feature grid: masks are area-pooled to h x w before S_t's
+    division, so a cell one object touches at all gets ~its full ID vector (`HistoryMarker`).
   - Backbone: a small conv net trained from scratch (strides 4 and 8) instead of Swin-T/B from
     COCO Mask2Former; it sits behind a narrow interface frames -> (X, stride-4 features).
   - Mask logits are computed on stride-4 backbone features fused with G_t upsampled 2x.
@@ -47,14 +44,13 @@ Differs from the paper (each a [D] decision in PAPER.md, except the first, ours 
     class head chosen by dataset name.
   - Pre-norm residual blocks in the compressor and history decoder; Mask2Former's post-norm in
     the pixel decoder; its multi-scale round robin is replaced by the single stride-8 map G_t.
-  - A video has N fixed slots, each holding a row of B drawn up front (`sampler`), and a flag
-    per slot for "in A_t" (`State`), so the state has one shape from the first frame on.
+  - A video has N fixed slots, each with its row of B and a flag for "in A_t" (`State`), so
+    the state has one shape from the first frame on.
   - Mamba.step with autograd on runs the differentiable scan at L = 1 from the state (so the
     iterative trainer can backpropagate); without autograd, the in-place selective_state_update.
-Left out: Swin weights; Alg. 1 l.15-19 (which slots join A_t, and M_t) and the prompted A_0 /
-M_0, which the caller writes into the State between steps (infer.Segmenter at inference;
-train.preprocess builds them for teacher forcing); losses (train.py); test-time scaling
-(infer.py); box and point prompts.
+Left out: Swin weights; Alg. 1 l.15-19 and the prompted A_0 / M_0, which the caller writes into
+the State (infer.Segmenter; train.preprocess for teacher forcing); losses (train.py); test-time
+scaling (infer.py); box and point prompts.
 """
 import math
 from dataclasses import dataclass
@@ -178,12 +174,11 @@ class HistoryMarker(nn.Module):
     A (n, N, D): the ID vectors A^i; M (n, N, Hm, Wm) in [0, 1]: their masks M^i at frame size. The
     sum runs over the rows given; a row whose mask is all zero paints nothing, so AUSM.forward and
     AUSM.step pass every slot, with the masks of the slots outside A_{t-1} zeroed.
-    On the feature grid: each mask is first area-pooled to h x w (m^i: the share of a cell that
-    object i covers), then the equation runs per cell on m. The division cancels the shares: a cell
-    that one object touches gets m A^i / (eps + m) ~= its full ID vector A^i however little of it
-    is covered (1 pixel of the 64 in a cell is enough: the mask is dilated to the grid); a cell that
-    several objects touch gets their ID vectors averaged, weighted by their shares; a cell that no
-    object touches gets 0.
+    On the feature grid: each mask is first area-pooled to h x w (m^i: the share of a cell object i
+    covers), then the equation runs per cell on m. The division cancels the shares: a cell one
+    object touches gets m A^i / (eps + m) ~= A^i however little is covered (the mask is dilated to
+    the grid; PAPER.md Sec. 4 has the measured alternative); cells several objects touch average
+    their ID vectors weighted by their shares; untouched cells get 0.
     """
 
     def __init__(self, eps=1e-6):
@@ -556,8 +551,7 @@ class AUSM(nn.Module):
         G = F_t + self.decoder(X_seq, F_t, pos)  # (n, P, D): G_t (F_t + is ours, see the header)
         return self.pixel_decoder(G, f4, id_vecs, live, (h, w), dataset)  # y_trk and y_det
 
-    # EXERCISE 10: write embed (Alg. 2's E_t for every t at once); done when
-    # `python -m pytest --exercise 10` passes
+    # EXERCISE 10: write embed (E_t for every t); done when `python -m pytest --exercise 10` passes
     def embed(self, X_1T, id_vecs, M_prev):  # X_1T (b, T, D, h, w); id_vecs (b*T, N, D)
         """E_t = X_{t-1} + S_t for t = 1..T, X_0 (the start token) before frame 1; S_t the History
         Marker of the ID vectors and M_prev (b*T, N, Hm, Wm). -> E (b, T, D, h, w)."""

@@ -219,6 +219,8 @@ def _class_targets(batch, T):
     return torch.where(lab >= 0, lab, torch.full_like(lab, -100))
 
 
+# EXERCISE 11: write _tracking_loss (L_trk, fixed query <-> instance); done when
+# `python -m pytest --exercise 11` passes
 def _tracking_loss(fg, cls, masks, batch, lab, K):
     """L_trk: tracking query i <-> instance i (fixed); an absent tracked object is "no object" with
     an empty mask."""
@@ -275,6 +277,8 @@ def _match_detections(cost, det):
     return picks
 
 
+# EXERCISE 12: write _detection_loss (L_det, Hungarian matching per frame); done when
+# `python -m pytest --exercise 12` passes
 def _detection_loss(fg, cls, masks, batch, lab, K):
     """L_det: detection queries matched to the frame's detection targets, the others "no object"."""
     P, n_b, T, Q = fg.shape
