@@ -1060,8 +1060,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # measured: on this shared 2-core box a 2nd thread spin-waits
     try:
+        if args.eval == "davis" and args.gt and args.checkpoint and not args.pred:
+            # run the checkpoint on --gt's validation split (a DAVIS root), copy baseline beside
+            return real_heldout_scores(load_model(args.checkpoint), f"davis:{args.gt}")
         if args.eval and not (args.pred and args.gt):
-            ap.error(f"--eval {args.eval} needs both --pred and --gt")
+            ap.error(f"--eval {args.eval} needs both --pred and --gt (davis: or --checkpoint and "
+                     f"--gt DAVIS_ROOT to run the model on its validation split)")
         return evaluate(args.eval, args.pred, args.gt) if args.eval else run(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

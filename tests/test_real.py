@@ -2,6 +2,7 @@
 inference, outputs at the frame's own size, mixing synthetic and real batches (--data A,B --mix),
 the decoded-frame cache, and the copy-the-first-mask baseline beside the model's J&F. Each test
 writes its own tiny DAVIS-2016-style folder (40x72 frames, grayscale 0/255 masks) into tmp_path."""
+import dataclasses
 import json
 
 import numpy as np
@@ -183,6 +184,16 @@ def test_eval_davis_prints_the_copy_baseline(tmp_path, davis16, capsys):
     assert "copy J&F" in out
     assert [line.split() for line in out.splitlines()[-2:]] == [["va", "0.5000", "0.5000"],
                                                                  ["Global", "0.5000", "0.5000"]]
+
+
+def test_eval_davis_runs_a_checkpoint_on_the_val_split(tmp_path, davis16, capsys):
+    torch.manual_seed(0)
+    model = ausm.AUSM(ausm.Config.tiny(image_size=16, **SMALL)).eval()
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.cfg)}, ckpt)
+    side = infer.main(["--eval", "davis", "--checkpoint", str(ckpt), "--gt", str(davis16)])
+    assert side["copy"] == 0.5 and list(side["sequences"]) == ["va"]
+    assert "copy J&F" in capsys.readouterr().out
 
 
 def test_end_of_training_scores_the_real_val_split(tmp_path, davis16, monkeypatch, capsys):
