@@ -11,14 +11,18 @@ What differs: nothing can be downloaded, so the default is a procedural world ("
   textured background and 1-5 objects of 6 shape categories in distinct striped colours. Stage 1
   makes pseudo-videos of a still scene as above; stages 2/3 get videos where objects move, scale and
   rotate along smooth paths, occlude each other (depth order), leave the frame and come back, and
-  appear mid-video, over a panning background. Frames are resized to a square `size` (the paper
-  keeps the aspect ratio). Real formats (PAPER.md Sec. 8) are read with numpy + PIL (RLE, polygons
-  as pycocotools, bit for bit); `python data.py --write davis:DIR` writes the synthetic set in them.
+  appear mid-video, over a panning background (square frames of `size`). Real frames keep their
+  aspect ratio as the paper's do (frame_size: short side `size`, long side a multiple of 8);
+  training takes a size x size crop of them (one crop size per batch), evaluation the whole frame.
+  Decoded real frames are cached at that size (CACHE_FRAMES). `batches` mixes two specs
+  (synthetic,davis:DIR) batch by batch. Real formats (PAPER.md Sec. 8) are read with numpy + PIL
+  (RLE, polygons as pycocotools, bit for bit); `python data.py --write davis:DIR` writes the
+  synthetic set in them.
   Masks as people have them: a palette PNG's values are object ids (255 = void); a binary mask
   (grayscale 0/k such as DAVIS 2016's 0/255, or 1-bit) is object 1; frames numbered without zero
   padding are read in natural order (frame2 before frame10).
-Left out: dataset mixture weights, SA-1B, large-scale jitter, colour augmentation, aspect-preserving
-  resize.
+Left out: per-dataset mixture weights beyond two specs, SA-1B, large-scale jitter, colour
+  augmentation.
 """
 import argparse
 import functools
@@ -41,6 +45,7 @@ NUM_CLASSES = {"synthetic": 6, "coco": 80, "ytvis19": 40, "ytvis21": 40, "ovis":
 SYNTHETIC_CATEGORIES = ("circle", "square", "triangle", "star", "ring", "cross")
 _TRAIN = 1     # first word of every synthetic training seed,
 _HELDOUT = 2   # and of every held-out one: the two sets of keys can never coincide
+_MIX = 3       # first word of the seed that picks each mixed batch's dataset (see batches)
 
 @dataclass
 class Clip:
@@ -640,34 +645,103 @@ def _open(spec, train):
     raise ValueError(f"unknown dataset spec {spec!r}; expected synthetic, davis|mose|ytvos:DIR or "
                      f"coco|ytvis19|ytvis21|ovis:JSON:IMGDIR")
 
-def _read_frames(video, ts):
-    """Frames ts of video as uint8 (h, w, 3) arrays and their annotations {id: bool (h, w)}."""
+def frame_size(h, w, size):
+    """The model's input size (h', w') of an (h, w) frame, aspect ratio kept as the paper does: the
+    short side = size, the long side scaled alike and rounded to a multiple of 8 (480x854 at 128 ->
+    128x224). A square frame -> (size, size), so synthetic frames are read as before."""
+    if h == w:
+        return size, size
+    long_side = max(8, round(max(h, w) * size / min(h, w) / 8) * 8)
+    return (size, long_side) if h < w else (long_side, size)
+
+# Decoded frames at their training size, so a real frame is decoded once per run: key (dataset,
+# video, frame path, its mtime and size in bytes, size) -> (the frame's own (h, w), uint8
+# (h', w', 3) frame, {id: bool (h', w') mask}). Bounded: once CACHE_FRAMES frames are in, the rest
+# are decoded each time (2048 frames at 128x224 with one object: about 235 MB).
+CACHE_FRAMES = 2048
+_CACHE = {}
+
+def _resize_frame(img, hw):
+    """uint8 (h, w, 3) -> uint8 (h', w', 3), bilinear with antialiasing."""
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255              # (1, 3, h, w)
+    x = F.interpolate(x, size=hw, mode="bilinear", antialias=True).clamp(0, 1)  # (1, 3, h', w')
+    return (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()       # (h', w', 3)
+
+def _resize_masks(ann, hw):
+    """{id: bool (h, w)} -> {id: bool (h', w')}, nearest-exact (each pixel: one source pixel)."""
+    out = {}
+    for k, m in ann.items():
+        x = torch.from_numpy(m)[None, None].float()                              # (1, 1, h, w)
+        out[k] = (F.interpolate(x, size=hw, mode="nearest-exact")[0, 0] > 0.5).numpy()  # (h', w')
+    return out
+
+def _decoded(video, t, size):
+    """Frame t of video at frame_size: ((h, w) on disk, uint8 (h', w', 3), {id: bool (h', w')})."""
+    path = video.frames[t]
+    stat = path.stat() if path.is_file() else None
+    key = (video.dataset, video.name, str(path), stat and stat.st_mtime_ns, stat and stat.st_size,
+           size)
+    if key in _CACHE:
+        return _CACHE[key]
+    img = _read_image(path)
+    ann = video.load(t, img.shape[0], img.shape[1])
+    hw = frame_size(img.shape[0], img.shape[1], size)
+    entry = (img.shape[:2], _resize_frame(img, hw), _resize_masks(ann, hw))
+    if len(_CACHE) < CACHE_FRAMES:
+        _CACHE[key] = entry
+    return entry
+
+def _read_frames(video, ts, size):
+    """Frames ts of video at frame_size(h, w, size), uint8 (h', w', 3), and their annotations {id:
+    bool (h', w')}. All frames of a video must have one size."""
     imgs = []
     anns = []
+    first = None
     for t in ts:
-        img = _read_image(video.frames[t])
-        if imgs and img.shape != imgs[0].shape:
-            raise ValueError(f"{video.frames[t]}: frame is {img.shape[:2]} (h, w), frame 0 is "
-                             f"{imgs[0].shape[:2]}")
+        hw, img, ann = _decoded(video, t, size)
+        if first is not None and hw != first:
+            raise ValueError(f"{video.frames[t]}: frame is {hw} (h, w), frame 0 is {first}")
+        first = hw
         imgs.append(img)
-        anns.append(video.load(t, img.shape[0], img.shape[1]))
+        anns.append(ann)
     return imgs, anns
 
-def _read_clip(video, ts, size, T=None, rng=None):
-    """Frames `ts` of `video` as a Clip; with rng and one frame: a T-frame pseudo-video (stage
-    1)."""
-    imgs, anns = _read_frames(video, ts)
+def _crop_offset(masks, length, size, rng):
+    """Where a size-long crop of a `length`-long axis starts: around a random foreground position
+    of the first frame (masks (N, T', length) projected on the axis), or anywhere without one."""
+    fg = masks[:, 0].any(0).nonzero()[:, 0] if len(masks) else torch.zeros(0, dtype=torch.long)
+    if len(fg) == 0:
+        return int(rng.integers(0, length - size + 1))
+    center = int(fg[int(rng.integers(len(fg)))])
+    return min(max(center - size // 2, 0), length - size)
+
+def _square_crop(frames, masks, size, rng):
+    """Training: one crop size per batch. A (T', 3, h', w') clip at frame_size (short side = size)
+    -> its size x size crop along the long side (aspect kept, nothing squashed)."""
+    h, w = frames.shape[-2:]
+    if h == w:
+        return frames, masks
+    if w > h:
+        x0 = _crop_offset(masks.any(2), w, size, rng)                            # masks (N, T', w)
+        return frames[..., x0:x0 + size], masks[..., x0:x0 + size]
+    y0 = _crop_offset(masks.any(3), h, size, rng)                                # masks (N, T', h)
+    return frames[..., y0:y0 + size, :], masks[..., y0:y0 + size, :]
+
+def _read_clip(video, ts, size, T=None, rng=None, crop=False):
+    """Frames `ts` of `video` as a Clip at frame_size (short side `size`, aspect kept); crop (needs
+    rng): its size x size crop (training); with rng and one frame: a T-frame pseudo-video of the
+    crop (stage 1)."""
+    imgs, anns = _read_frames(video, ts, size)
     ids = sorted(set().union(*anns))
     frames = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255    # (T', 3, h, w)
     none = np.zeros(imgs[0].shape[:2], bool)
     masks = np.array([[a.get(k, none) for a in anns] for k in ids], bool)          # (N, T', h, w)
-    masks = torch.from_numpy(masks).reshape(len(ids), len(ts), *none.shape).float()  # (N, T', h, w)
-    # EXERCISE: keep the aspect ratio (resize the long side, pad) as the paper does; done: a 2:1
-    # fixture stays 2:1.
-    frames = F.interpolate(frames, size=(size, size), mode="bilinear", antialias=True)
-    frames = frames.clamp(0, 1)                                                     # (T', 3, s, s)
-    masks = F.interpolate(masks, size=(size, size), mode="nearest-exact") > 0.5     # (N, T', s, s)
-    if rng is not None and len(ts) == 1:
+    masks = torch.from_numpy(masks).reshape(len(ids), len(ts), *none.shape)       # (N, T', h, w)
+    if crop:
+        frames, masks = _square_crop(frames, masks, size, rng)      # (T', 3, s, s), (N, T', s, s)
+    if rng is not None and T is not None and len(ts) == 1:
+        if not crop:
+            frames, masks = _square_crop(frames, masks, size, rng)  # pseudo_video needs a square
         # (T, 3, s, s), (N, T, s, s)
         frames, masks = pseudo_video(frames[0], masks[:, 0], T, size, rng)
     keep = masks.flatten(1).any(1)                                                 # (N,)
@@ -681,7 +755,7 @@ def _sample_clip(video, T, size, rng, stage, max_stride=3):
     views."""
     L = len(video.frames)
     if stage == 1 or L == 1:
-        return _read_clip(video, [int(rng.integers(L))], size, T, rng)
+        return _read_clip(video, [int(rng.integers(L))], size, T, rng, crop=True)
     if L < T:
         # short video: repeat frames in order
         ts = np.linspace(0, L - 1, T).round().astype(int).tolist()
@@ -690,7 +764,7 @@ def _sample_clip(video, T, size, rng, stage, max_stride=3):
         stride = int(rng.integers(1, max(1, longest) + 1))
         start = int(rng.integers(0, L - (T - 1) * stride))
         ts = list(range(start, start + (T - 1) * stride + 1, stride))
-    return _read_clip(video, ts, size)
+    return _read_clip(video, ts, size, rng=rng, crop=True)
 
 # ----------------------------------------------------------------------------- the two entry points
 def train_stream(spec="synthetic", stage=1, T=3, size=128, seed=0, rank=0, world=1):
@@ -716,6 +790,24 @@ def train_stream(spec="synthetic", stage=1, T=3, size=128, seed=0, rank=0, world
         misses = 0
         yield clip
     raise ValueError(f"{spec}: 100 clips in a row without any object; are the masks empty?")
+
+def batches(spec="synthetic", batch_size=4, mix=0.5, stage=1, T=3, size=128, seed=0, rank=0,
+            world=1):
+    """Endless Iterator[list of batch_size Clips], one dataset per batch. spec: one dataset spec,
+    or two joined by a comma ("synthetic,davis:DIR"): a batch is the second's with probability
+    `mix` (a generator seeded by `seed`: a run restarted from a step's seed draws the same)."""
+    specs = spec.split(",")
+    if len(specs) > 2:
+        raise ValueError(f"--data {spec}: at most two dataset specs joined by a comma, e.g. "
+                         f"synthetic,davis:DIR (with --mix, the second's share of batches)")
+    streams = [train_stream(sp, stage, T, size, seed, rank, world) for sp in specs]
+    if len(streams) == 1:
+        while True:
+            yield [next(streams[0]) for _ in range(batch_size)]
+    coin = np.random.default_rng([_MIX, seed])
+    while True:
+        second = bool(coin.random() < mix)
+        yield [next(streams[int(second)]) for _ in range(batch_size)]
 
 def heldout(spec="synthetic", n=8, T=16, size=128):
     """The fixed evaluation set: n clips of T frames (T=None: whole videos). Synthetic: moving

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ausm
-from data import (VOC_PALETTE, _read_image, heldout, natural_key, polygons_to_mask,
+import data
+from data import (VOC_PALETTE, _read_image, frame_size, heldout, natural_key, polygons_to_mask,
                   read_palette_png, rle_area, rle_counts, rle_decode, rle_encode, write_palette_png)
 
 # ----------------------------------------------------------------------------- Metrics: DAVIS J&F
@@ -494,18 +495,18 @@ class Segmenter:
 
     @torch.no_grad()
     def step(self, frame, prompts=None):
-        S = self.model.cfg.image_size
         prompts = self._new_prompts(frame, prompts)  # {id: bool (H, W)}: objects not tracked yet;
         # their output and M_t this frame are the prompt, so `tracked` below leaves them out
-        prompt_masks = [_up(m[None].float(), (S, S))[0] > 0.5 for m in prompts.values()]  # (S, S)
+        Sh, Sw = self.size  # the model's input: short side image_size, aspect kept (frame_size)
+        prompt_masks = [_up(m[None].float(), (Sh, Sw))[0] > 0.5 for m in prompts.values()]
         if self.t == 0:  # Alg. 1 before the loop: A_0 = Sampler(B, |y_0|), M_0 = m_0
             N = self.model.cfg.N_id  # no row of B drawn yet (ids -1), no slot allocated
-            self.state = self.model.init_state(1, N, S, S, ids=torch.full((1, N), -1))
+            self.state = self.model.init_state(1, N, Sh, Sw, ids=torch.full((1, N), -1))
             self._allocate(list(prompts), prompt_masks)
         tracked = [(k, i) for k, i in self.slot.items() if k not in prompts]  # A_{t-1} (id, slot)
         fg, cls, logits = self._predict(frame)  # Alg. 1 l.11-14: E_t, F_t, G_t, y_trk, y_det
         D = self._detections(fg)  # Alg. 1 l.15-16: D_t, the detections with fg >= threshold
-        masks = _up(logits, (S, S)) > 0  # (Q, S, S): every query's mask at the model's size
+        masks = _up(logits, (Sh, Sw)) > 0  # (Q, Sh, Sw): every query's mask at the model's size
         new_ids = list(range(len(self.slot) + 1, len(self.slot) + len(D) + 1))
         joined = self._allocate(new_ids, masks[D])  # Alg. 1 l.17-19: Sampler, A_t, M_t of D_t
         for k, i in tracked:  # Alg. 1 l.19: M_t = [masks of y_trk; ...], no filter
@@ -525,6 +526,7 @@ class Segmenter:
         prompts = {k: m.to(self.model.X_0.device) for k, m in prompts.items() if k not in self.slot}
         if self.t == 0:
             self.hw = hw
+            self.size = frame_size(hw[0], hw[1], self.model.cfg.image_size)  # (Sh, Sw)
         if hw != self.hw or any(tuple(m.shape) != hw for m in prompts.values()):
             raise ValueError(f"frame {self.t} {hw} or its prompts differ from frame 0's size "
                              f"{self.hw}; resize")
@@ -535,12 +537,12 @@ class Segmenter:
         return prompts
 
     def _predict(self, frame):  # Alg. 1 l.11-14 -> fg prob (Q,), class probs (Q, K), mask logits
-        S = self.model.cfg.image_size
         x = frame[None].float().to(self.model.X_0.device)  # (1, 3, H, W)
-        x = F.interpolate(x, (S, S), mode="bilinear", antialias=True).clamp(0, 1)  # (1, 3, S, S)
+        x = F.interpolate(x, self.size, mode="bilinear", antialias=True)  # (1, 3, Sh, Sw)
+        x = x.clamp(0, 1)
         out, self.state = self.model.step(x, self.state, self.dataset)
         fg = out["fg"][-1, 0].sigmoid()  # (Q,): the final layer's heads
-        logits = out["masks"][-1, 0]  # (Q, S/4, S/4)
+        logits = out["masks"][-1, 0]  # (Q, Sh/4, Sw/4)
         if out["cls"] is None:  # a class-agnostic head: the fg prob is the one class
             return fg, fg[:, None], logits  # (Q, 1)
         return fg, out["cls"][-1, 0].softmax(-1)[:, :-1], logits  # (Q, K): no "no-object"
@@ -552,7 +554,7 @@ class Segmenter:
         D = torch.nonzero(fg[N:] >= self.threshold)[:, 0] + N  # (|D_t|,) query indices
         return D[fg[D].argsort(descending=True, stable=True)]
 
-    def _allocate(self, ids, masks):  # new object ids with their masks (S, S) join A_t and M_t
+    def _allocate(self, ids, masks):  # new object ids with their masks (Sh, Sw) join A_t and M_t
         N = self.model.cfg.N_id
         n = len(self.slot)
         fit = min(len(ids), N - n)  # B has N_id rows: once all are in A_t nobody new joins
@@ -729,6 +731,71 @@ def heldout_scores(model, clips, dataset="synthetic", top_k=10, threshold=0.5, t
 
 def evaluate_heldout(model, cfg):  # train.py's end-of-run hook
     return heldout_scores(model.eval(), heldout("synthetic", size=cfg.image_size))
+
+def copy_first_mask(gt):
+    """The copy-the-first-mask baseline: frame 0's ground truth (void 255 -> background) as the
+    prediction of every frame, (T, H, W) -> (T, H, W)."""
+    first = np.where(gt[0] == 255, 0, gt[0])    # (H, W)
+    return np.repeat(first[None], len(gt), axis=0)   # (T, H, W)
+
+def _with_copy(sequences, copy_objects):
+    """Pass (name, gt, pred) through; score copy_first_mask(gt) on the way into copy_objects."""
+    for name, gt, pred in sequences:
+        copy_objects += davis_scores([(name, gt, copy_first_mask(gt))])["objects"]
+        yield name, gt, pred
+
+def _per_sequence(objects):  # davis_scores' objects -> {sequence: J&F mean over its objects}
+    jf = {}
+    for name, j, f in objects:
+        jf.setdefault(name.rsplit("_", 1)[0], []).append((j[0] + f[0]) / 2)
+    return {k: float(np.mean(v)) for k, v in jf.items()}
+
+def davis_side_by_side(sequences):
+    """J&F of (name, gt, pred) sequences and of the copy-the-first-mask baseline on the same ground
+    truth, one sequence in memory at a time -> (davis_scores of pred, {"sequences": {name: (J&F,
+    copy J&F)}, "J&F": overall, "copy": overall}); overall = the mean over all objects."""
+    copy_objects = []
+    s = davis_scores(_with_copy(sequences, copy_objects))
+    model = _per_sequence(s["objects"])
+    copy = _per_sequence(copy_objects)
+    copy_all = float(np.mean([(j[0] + f[0]) / 2 for _, j, f in copy_objects]))
+    rows = {k: (model[k], copy[k]) for k in model}
+    return s, {"sequences": rows, "J&F": s["J&F-Mean"], "copy": copy_all}
+
+def print_side_by_side(side):
+    print(f"{'Sequence':<24}{'J&F':>10}{'copy J&F':>10}   (copy: frame 0's ground truth on every "
+          f"frame)")
+    for name, (m, c) in side["sequences"].items():
+        print(f"{name:<24}{m:>10.4f}{c:>10.4f}")
+    print(f"{'Global':<24}{side['J&F']:>10.4f}{side['copy']:>10.4f}", flush=True)
+
+def _real_sequences(model, videos, dataset):
+    """Yield (name, gt, pred) of each real video: prompted with frame 0's objects, the frames at
+    their own size (the Segmenter resizes them), pred and gt (T, H, W) id maps."""
+    for v, video in enumerate(videos, 1):
+        gt = []
+        pred = []
+        seg = Segmenter(model, "prompted", dataset, seed=sampler_seed(0, v))
+        for t in range(len(video.frames)):
+            img = _read_image(video.frames[t])                         # (H, W, 3)
+            ann = video.load(t, img.shape[0], img.shape[1])            # {id: bool (H, W)}
+            ids = np.zeros(img.shape[:2], np.uint8)                    # (H, W)
+            for k, m in ann.items():
+                ids[m] = k
+            gt.append(ids)
+            prompts = {k: gt[0] == k for k in np.unique(gt[0]) if k} if t == 0 else None
+            pred.append(seg.step(_to_tensor(img), prompts)[0])
+        yield video.name, np.stack(gt), np.stack(pred)
+
+def real_heldout_scores(model, spec):
+    """train.py's end-of-run hook for real data: spec's (davis|mose|ytvos:DIR) validation split,
+    whole videos, prompted J&F at the frames' own size beside the copy baseline's, printed."""
+    videos = data._open(spec, train=False)
+    kind = spec.partition(":")[0]
+    _, side = davis_side_by_side(_real_sequences(model.eval(), videos, kind))
+    print(f"heldout {spec} (validation split, {len(videos)} videos, prompted):")
+    print_side_by_side(side)
+    return side
 
 def load_model(path, device="cpu"):
     """A train.py checkpoint -> AUSM in eval mode, built from the Config stored in it. Checkpoints
@@ -958,8 +1025,10 @@ def _read_json(path, flag, what):
 def evaluate(kind, pred, gt):
     """--eval: score predictions on disk, print the benchmark's numbers, return them."""
     if kind == "davis":
-        s = davis_scores(_davis_folders(pred, gt))
+        s, side = davis_side_by_side(_davis_folders(pred, gt))
         _print_davis(s)
+        print()
+        print_side_by_side(side)
         return s
     results = _read_json(pred, "--pred", "results.json, a list of per-video results")
     gt_dataset = _read_json(gt, "--gt", "the YouTube-VIS or OVIS annotations JSON")
@@ -991,8 +1060,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # measured: on this shared 2-core box a 2nd thread spin-waits
     try:
+        if args.eval == "davis" and args.gt and args.checkpoint and not args.pred:
+            # run the checkpoint on --gt's validation split (a DAVIS root), copy baseline beside
+            return real_heldout_scores(load_model(args.checkpoint), f"davis:{args.gt}")
         if args.eval and not (args.pred and args.gt):
-            ap.error(f"--eval {args.eval} needs both --pred and --gt")
+            ap.error(f"--eval {args.eval} needs both --pred and --gt (davis: or --checkpoint and "
+                     f"--gt DAVIS_ROOT to run the model on its validation split)")
         return evaluate(args.eval, args.pred, args.gt) if args.eval else run(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -437,14 +437,28 @@ def lr_at(step, args):
     return args.lr * (step / warm if step <= warm else cosine)
 
 
-def evaluate(model, cfg, out_dir=None):
+def _real_spec(spec):
+    """The video-object-segmentation spec (davis|mose|ytvos:DIR) among --data's, or None."""
+    for one in spec.split(","):
+        if one.partition(":")[0] in ("davis", "mose", "ytvos"):
+            return one
+    return None
+
+
+def evaluate(model, cfg, out_dir=None, real=None):
     """End-of-run evaluation (issue 7): infer.py's Segmenter on data.heldout("synthetic"), prompted
-    J&F (DAVIS protocol) and unprompted video AP (YouTube-VIS protocol) -> a dict of scores."""
+    J&F (DAVIS protocol) and unprompted video AP (YouTube-VIS protocol) -> a dict of scores.
+    real (a davis|mose|ytvos:DIR spec): also its validation split's whole videos, prompted J&F at
+    the frames' own size beside the copy-the-first-mask baseline's, per sequence: scores["real"].
+    """
     import infer
     with torch.no_grad():
         scores = infer.evaluate_heldout(model, cfg)  # {"J&F", "J", "F", "AP", "AP50", "AR10"}
     line = " | ".join(f"{k} {v:.3f}" for k, v in scores.items())
     print(f"heldout synthetic | {line}", flush=True)
+    if real:
+        with torch.no_grad():
+            scores["real"] = infer.real_heldout_scores(model, real)  # {"model": .., "copy": ..}
     if out_dir:
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
             json.dump(scores, f, indent=1)
@@ -474,7 +488,10 @@ def _parser():
                     "lr 1e-4, batch 16)")
     ap.add_argument("--data", default="synthetic",
                     help="dataset spec for data.train_stream: synthetic, davis:DIR, mose:DIR, "
-                    "ytvos:DIR, coco:JSON:IMGDIR, ytvis19:JSON:IMGDIR, ytvis21:..., ovis:...")
+                    "ytvos:DIR, coco:JSON:IMGDIR, ytvis19:JSON:IMGDIR, ytvis21:..., ovis:...; or "
+                    "two joined by a comma, e.g. synthetic,davis:DIR (see --mix)")
+    ap.add_argument("--mix", type=float, default=0.5,
+                    help="with two --data specs: the share of batches from the second (0..1)")
     ap.add_argument("--frames", type=int,
                     help="frames per clip T (stages 1/2/3: paper 3/5/16, tiny 3/8/16)")
     ap.add_argument("--size", type=int,
@@ -532,6 +549,9 @@ def _check_args(args):
         raise ValueError(f"--time-limit {args.time_limit}: minutes must be >= 0 (0 = no limit)")
     if args.threads < 0:
         raise ValueError(f"--threads {args.threads}: must be >= 0 (0 = torch's default)")
+    if not 0 <= args.mix <= 1:
+        raise ValueError(f"--mix {args.mix}: the share of the second --data spec's batches must "
+                         f"be in 0..1")
 
 
 def _preset_default(value, default):
@@ -555,13 +575,13 @@ def parse_args(argv=None):
 
 
 def data_from(args, step, rank, world):
-    """The data stream and the switch-time generator restart from seeds derived from the step at
-    every checkpoint, so a resumed run sees exactly what an uninterrupted one does (without
-    replaying the stream)."""
+    """The batch stream (data.batches: --data, --mix) and the switch-time generator restart from
+    seeds derived from the step at every checkpoint, so a resumed run sees exactly what an
+    uninterrupted one does (without replaying the stream)."""
     import data
     seed = args.seed * 1_000_003 + step
-    stream = data.train_stream(args.data, stage=args.stage, T=args.frames, size=args.size,
-                               seed=seed, rank=rank, world=world)
+    stream = data.batches(args.data, args.batch_size, args.mix, stage=args.stage, T=args.frames,
+                          size=args.size, seed=seed, rank=rank, world=world)
     generator = torch.Generator().manual_seed(seed * 1000 + rank)
     return stream, generator
 
@@ -606,7 +626,7 @@ def _class_head_for(cfg, args, path):
     """--data with categories and no class head for them in cfg: add a K+1-way head (fresh weights),
     recorded in the checkpoint's Config. -> (cfg, the name of the added head or None)."""
     import data
-    dataset = args.data.partition(":")[0]
+    dataset = args.data.split(",")[-1].partition(":")[0]  # (synthetic has its head: the last spec)
     K = data.NUM_CLASSES.get(dataset, 0)
     if K == 0 or dataset in dict(cfg.class_heads):
         return cfg, None
@@ -708,7 +728,7 @@ def _train_loop(model, net, opt, cfg, args, step, device, rank, world):
     t_start = time.time()
     t_log = time.time()
     while step < args.max_iters:
-        clips = [next(stream) for _ in range(args.batch_size)]
+        clips = next(stream)  # one dataset per batch (data.batches)
         batch = to_device(preprocess(clips, cfg, gen), device)
         step += 1
         for group in opt.param_groups:
@@ -779,8 +799,8 @@ def run(args, overrides):
         _print_banner(args, model, params, device, world, step, args.resume)
     if args.benchmark:
         return benchmark(model, opt, cfg, args, device)
-    dataset = args.data.partition(":")[0]
-    unused = any(name != dataset for name, _ in cfg.class_heads)  # other datasets' heads
+    datasets = [spec.partition(":")[0] for spec in args.data.split(",")]
+    unused = any(name not in datasets for name, _ in cfg.class_heads)  # other datasets' heads
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
@@ -788,7 +808,7 @@ def run(args, overrides):
     if code != 0:
         return code
     if rank == 0 and not args.no_eval:
-        evaluate(model.eval(), cfg, args.out)
+        evaluate(model.eval(), cfg, args.out, _real_spec(args.data))
     if world > 1:
         torch.distributed.destroy_process_group()
     return 0
@@ -807,7 +827,7 @@ def benchmark(model, opt, cfg, args, device):
     print(f"batch {args.batch_size}, {args.size}x{args.size}, {args.bench_iters} timed iterations "
           "each\nT | iterative s/iter | parallel s/iter | speedup", flush=True)
     for T in (1, 2, 4, 8, 16):
-        stream = data.train_stream(args.data, 2, T, args.size, args.seed)
+        stream = data.train_stream(args.data.split(",")[0], 2, T, args.size, args.seed)
         gen = torch.Generator().manual_seed(T)
         clips = [next(stream) for _ in range(args.batch_size)]
         batch = to_device(preprocess(clips, cfg, gen), device)
