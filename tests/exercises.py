@@ -71,8 +71,8 @@ EXERCISES = {
                 "tests/test_exercise_oracles.py -k box_prompt", "a project (hours)", 1),
     13: Exercise("Alg. 1's allocation of new IDs", "infer:Segmenter._allocate",
                  "AUSM Alg. 1 l.15-19 (Sampler(B \\ A_{t-1})); PAPER.md Sec. 3, 6",
-                 "tests/test_alg1.py -k 'streaming_segmenter or every_detection or sampler_is_seeded "
-                 "or buffer_is_full'", "30-45", 5),
+                 "tests/test_alg1.py -k 'streaming_segmenter or every_detection "
+                 "or sampler_is_seeded or buffer_is_full'", "30-45", 5),
 }
 ORIGINALS = {}  # exercise -> the implementation a swap replaced (wrong versions may wrap it)
 

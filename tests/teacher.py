@@ -254,8 +254,8 @@ def box_by_colour(frame, box, tol=0.15, tol2=0.35):
     return m
 
 
-# ------------------------------------------------------------------ exercise 13: Segmenter._allocate
-def _allocate_with(seg, ids, masks, pool="free", keep="first", history=True):
+# ------------------------------------------------------------------ exercise 13: _allocate
+def _allocate_with(seg, ids, masks, pool="free", keep="first", history=True, warn_once=True):
     """Segmenter._allocate written with the mistakes as switches (the defaults: a correct one)."""
     import warnings
     N = seg.model.cfg.N_id
@@ -264,7 +264,7 @@ def _allocate_with(seg, ids, masks, pool="free", keep="first", history=True):
     if fit < len(ids) and not seg.warned_full:
         warnings.warn(f"frame {seg.t}: the ID buffer (N_id={N}) is full; no new objects "
                       "from here on")
-        seg.warned_full = True
+        seg.warned_full = warn_once
     free = torch.ones(N, dtype=torch.bool)
     if pool != "all":
         free[seg.state.ids[0, :n].cpu()] = False
@@ -304,6 +304,11 @@ def allocate_keeps_the_last(self, ids, masks):
     return _allocate_with(self, ids, masks, keep="last")
 
 
+def allocate_warns_every_frame(self, ids, masks):
+    """The full-buffer warning repeated on every frame that has a new object B cannot take."""
+    return _allocate_with(self, ids, masks, warn_once=False)
+
+
 # ------------------------------------------------------------------ the tables the meta-test reads
 WRONG = {  # exercise -> the wrong versions its check must reject
     1: (marker_sum, marker_pool_sides_swapped, marker_bilinear),
@@ -316,7 +321,7 @@ WRONG = {  # exercise -> the wrong versions its check must reject
     8: (segment_repeating_ends, segment_prompts_every_pass),
     9: (box_as_rectangle,),
     13: (allocate_empty_history, allocate_from_all_of_B, allocate_in_order,
-         allocate_keeps_the_last),
+         allocate_keeps_the_last, allocate_warns_every_frame),
 }
 SOLUTIONS = {9: box_by_colour}  # open-ended exercises: one way to pass (the bar can be met)
 FACTORIES = (scan_fwd_no_euler_delta,)  # built on first use (they define Triton kernels)

@@ -152,7 +152,8 @@ class ScriptedDetections(infer.Segmenter):
 def test_allocation_draws_free_rows_until_the_buffer_is_full():
     """Alg. 1 l.17-19 with N_id = 6 rows and 0, 2, 3, 2, 1, 2 new detections on frames 0-5: each
     frame's new objects take the next slots, distinct rows of B \\ A_{t-1} and their detections'
-    masks as M_t; frame 3 fills B (its surer detection joins, one warning), later ones are dropped."""
+    masks as M_t; frame 3 fills B (its surer detection joins, one warning), later ones are
+    dropped."""
     model, N, counts = tiny_model(N_id=6), 6, [0, 2, 3, 2, 1, 2]
     calls = record(model)
     seg = ScriptedDetections(model, counts)
