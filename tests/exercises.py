@@ -80,6 +80,10 @@ EXERCISES = {
     12: Exercise("Detection loss: Hungarian matching per frame, no-object weight",
                  "train:_detection_loss", "AUSM Sec. 2.3 (L_det), Mask2Former",
                  "tests/test_train.py -k criterion", "45-60", 5),
+    13: Exercise("Alg. 1's allocation of new IDs", "infer:Segmenter._allocate",
+                 "AUSM Alg. 1 l.15-19 (Sampler(B \\ A_{t-1})); PAPER.md Sec. 3, 6",
+                 "tests/test_alg1.py -k 'streaming_segmenter or every_detection "
+                 "or sampler_is_seeded or buffer_is_full'", "30-45", 5),
 }
 ORIGINALS = {}  # exercise -> the implementation a swap replaced (wrong versions may wrap it)
 

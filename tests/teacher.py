@@ -325,6 +325,59 @@ def detection_loss_no_empty_weight(fg, cls, masks, batch, lab, K):
         return exercises.ORIGINALS[12](fg, cls, masks, batch, lab, K)
     finally:
         train.NO_OBJECT_WEIGHT = real
+# ------------------------------------------------------------------ exercise 13: _allocate
+def _allocate_with(seg, ids, masks, pool="free", keep="first", history=True, warn_once=True):
+    """Segmenter._allocate written with the mistakes as switches (the defaults: a correct one)."""
+    import warnings
+    N = seg.model.cfg.N_id
+    n = len(seg.slot)
+    fit = min(len(ids), N - n)
+    if fit < len(ids) and not seg.warned_full:
+        warnings.warn(f"frame {seg.t}: the ID buffer (N_id={N}) is full; no new objects "
+                      "from here on")
+        seg.warned_full = warn_once
+    free = torch.ones(N, dtype=torch.bool)
+    if pool != "all":
+        free[seg.state.ids[0, :n].cpu()] = False
+    rows = torch.nonzero(free)[:, 0]  # B \ A_{t-1} (pool "all": B)
+    if pool != "in order":
+        rows = rows[torch.randperm(len(rows), generator=seg.sampler)]
+    rows = rows[:fit]
+    chosen = list(range(fit))
+    if keep == "last":
+        chosen = list(range(len(ids) - fit, len(ids)))
+    for j, k in enumerate(chosen):
+        seg.slot[ids[k]] = n + j
+        seg.state.ids[0, n + j] = rows[j]
+        seg.state.alloc[0, n + j] = True
+        if history:
+            seg.state.M[0, n + j] = masks[k]
+    return [ids[k] for k in chosen]
+
+
+def allocate_empty_history(self, ids, masks):
+    """New objects join A_t with an empty M_t: their first History Marker paints nothing."""
+    return _allocate_with(self, ids, masks, history=False)
+
+
+def allocate_from_all_of_B(self, ids, masks):
+    """Rows drawn from all of B, not B \\ A_{t-1}: a new object may get a tracked object's ID."""
+    return _allocate_with(self, ids, masks, pool="all")
+
+
+def allocate_in_order(self, ids, masks):
+    """No Sampler: the lowest free rows in order, so every video uses rows 0, 1, 2, ..."""
+    return _allocate_with(self, ids, masks, pool="in order")
+
+
+def allocate_keeps_the_last(self, ids, masks):
+    """When B is nearly full, the least sure detections (the last of ids) get its last rows."""
+    return _allocate_with(self, ids, masks, keep="last")
+
+
+def allocate_warns_every_frame(self, ids, masks):
+    """The full-buffer warning repeated on every frame that has a new object B cannot take."""
+    return _allocate_with(self, ids, masks, warn_once=False)
 
 
 # ------------------------------------------------------------------ the tables the meta-test reads
@@ -342,6 +395,8 @@ WRONG = {  # exercise -> the wrong versions its check must reject
     11: (tracking_loss_hungarian, tracking_loss_absent_ignored),
     12: (detection_loss_fixed_order, detection_loss_tracked_as_targets,
          detection_loss_no_empty_weight),
+    13: (allocate_empty_history, allocate_from_all_of_B, allocate_in_order,
+         allocate_keeps_the_last, allocate_warns_every_frame),
 }
 SOLUTIONS = {9: box_by_colour}  # open-ended exercises: one way to pass (the bar can be met)
 FACTORIES = (scan_fwd_no_euler_delta,)  # built on first use (they define Triton kernels)

@@ -5,6 +5,7 @@ CLI's handling of hostile or unusual input. Untrained tiny models; each test tak
 import dataclasses
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -131,6 +132,54 @@ def test_streaming_segmenter_equals_parallel_forward(mode):
         for k in ("fg", "masks", "cls"):
             err = (par[k][:, 0, t, q] - out[k][:, 0, q]).abs().max() / out[k].abs().max()
             assert err <= 1e-4, (t, k, err)
+
+
+class ScriptedDetections(infer.Segmenter):
+    """An unprompted Segmenter whose frame t detects the counts[t] detection queries with the
+    highest fg prob (surest first), whatever the threshold; `D` keeps each frame's queries."""
+    def __init__(self, model, counts):
+        super().__init__(model, "unprompted")
+        self.counts = counts
+        self.D = []
+
+    def _detections(self, fg):
+        N = self.model.cfg.N_id
+        D = fg[N:].argsort(descending=True, stable=True)[:self.counts[self.t]] + N  # (k,)
+        self.D.append(D)
+        return D
+
+
+def test_allocation_draws_free_rows_until_the_buffer_is_full():
+    """Alg. 1 l.17-19 with N_id = 6 rows and 0, 2, 3, 2, 1, 2 new detections on frames 0-5: each
+    frame's new objects take the next slots, distinct rows of B \\ A_{t-1} and their detections'
+    masks as M_t; frame 3 fills B (its surer detection joins, one warning), later ones are
+    dropped."""
+    model, N, counts = tiny_model(N_id=6), 6, [0, 2, 3, 2, 1, 2]
+    calls = record(model)
+    seg = ScriptedDetections(model, counts)
+    frames = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    painted = 0  # new objects whose mask is not empty: an empty M_t would be noticed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t, f in enumerate(frames):
+            before = []  # the rows of A_{t-1}
+            if t > 0:
+                before = seg.state.ids[0, seg.state.alloc[0]].tolist()
+            n = len(before)
+            seg.step(f)
+            fit = min(counts[t], N - n)  # who fits in B: the surest first
+            rows = seg.state.ids[0, seg.state.alloc[0]].tolist()
+            assert seg.state.alloc[0].tolist() == [True] * (n + fit) + [False] * (N - n - fit), t
+            assert rows[:n] == before and len(rows) == n + fit, (t, rows, before)  # l.18: A_{t-1}
+            assert len(set(rows)) == len(rows), (t, rows, before)  # and new rows, from B \ A_{t-1}
+            assert seg.slot == {k: k - 1 for k in range(1, n + fit + 1)}, (t, seg.slot)
+            masks = up(calls[-1][-1]["masks"][-1, 0], 32)  # (Q, S, S): this frame's query masks
+            for j, q in enumerate(seg.D[t][:fit].tolist()):  # l.19: M_t of D_new = their masks
+                assert torch.equal(seg.state.M[0, n + j] > 0, masks[q]), (t, j)
+                painted += int(masks[q].any())
+    assert sorted(seg.state.ids[0].tolist()) == list(range(N)) and painted >= 3  # all of B, once
+    full = [str(w.message) for w in caught if "ID buffer" in str(w.message)]
+    assert len(full) == 1 and full[0].startswith("frame 3: the ID buffer (N_id=6) is full"), full
 
 
 def test_every_detection_gets_an_id_and_top_k_cuts_only_the_output():
