@@ -17,9 +17,11 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: run every Triton kernel in the interpreter
+    # CPU: run every Triton kernel in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level files
+# the flat top-level files
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # tests/exercises.py
 torch.use_deterministic_algorithms(False)
 

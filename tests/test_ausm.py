@@ -1,5 +1,6 @@
-"""Tests for ausm.py: shapes, the History Marker against hand-computed values, causality, parallel ==
-recurrent (Alg. 2 vs Alg. 1), constant state size, the empty-mask rule, padding invariance, gradients."""
+"""Tests for ausm.py: shapes, the History Marker against hand-computed values, causality,
+parallel == recurrent (Alg. 2 vs Alg. 1), constant state size, the empty-mask rule, padding
+invariance, gradients."""
 import dataclasses
 import json
 
@@ -18,15 +19,16 @@ def small_cfg(**kw):  # tiny architecture with fewer, narrower parts: fast enoug
     return Config.tiny(**base)
 
 
-def make_inputs(B, T, N, H, seed=0):
-    """Frames, ids with a padded slot, history with objects entering at different frames (slot 0 is a
-    prompt painted on X_0 in sample 0), tracked flags consistent with the history."""
+def make_inputs(b, T, N, H, seed=0):
+    """Frames, ids with a padded slot, history with objects entering at different frames (slot 0 is
+    a prompt painted on X_0 in sample 0), tracked flags consistent with the history."""
     g = torch.Generator().manual_seed(seed)
-    frames = torch.rand(B, T, 3, H, H, generator=g)
-    ids = torch.tensor([[5, 2, 7], [1, 0, -1]])[:B, :N]
-    history = (torch.rand(B, T, N, H, H, generator=g) > 0.6).float()
-    enter = torch.tensor([[0, 1, 2], [2, 1, 99]])[:B, :N]  # step at which slot i joins A (0 = prompt)
-    tracked = torch.arange(T)[None, :, None] >= enter[:, None, :]  # (B, T, N)
+    frames = torch.rand(b, T, 3, H, H, generator=g)
+    ids = torch.tensor([[5, 2, 7], [1, 0, -1]])[:b, :N]
+    history = (torch.rand(b, T, N, H, H, generator=g) > 0.6).float()
+    # step at which slot i joins A (0 = prompt)
+    enter = torch.tensor([[0, 1, 2], [2, 1, 99]])[:b, :N]
+    tracked = torch.arange(T)[None, :, None] >= enter[:, None, :]  # (b, T, N)
     return frames, ids, history * tracked[..., None, None], tracked
 
 
@@ -39,47 +41,54 @@ def rel_err(a, b):
 def test_shapes(preset):
     torch.manual_seed(0)
     cfg = getattr(Config, preset)()
-    D, H, T, N, Bsz = cfg.D, 64, 2, 3, 2  # the paper preset on a tiny input
+    D, H, T, N, b = cfg.D, 64, 2, 3, 2  # the paper preset on a tiny input
     h, P, Q, di = H // 8, (H // 8) ** 2, N + cfg.N_det, cfg.expand * cfg.D
-    assert Config(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg  # round trip via a checkpoint
+    # round trip via a checkpoint
+    assert Config(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
     model = AUSM(cfg).eval()
-    frames, ids, history, tracked = make_inputs(Bsz, T, N, H)
+    frames, ids, history, tracked = make_inputs(b, T, N, H)
     with torch.no_grad():
         X, f4 = model.backbone(frames[:, 0])
-        assert X.shape == (Bsz, D, h, h) and f4.shape == (Bsz, cfg.width, 2 * h, 2 * h)
-        S = model.marker(model.B[:N].expand(Bsz, N, D), history[:, 1], (h, h))
-        assert S.shape == (Bsz, D, h, h)
+        assert X.shape == (b, D, h, h) and f4.shape == (b, cfg.width, 2 * h, 2 * h)
+        S = model.marker(model.B[:N].expand(b, N, D), history[:, 1], (h, h))
+        assert S.shape == (b, D, h, h)
         m = model.compressor.layers[0].mamba
         assert m(torch.randn(5, T, D)).shape == (5, T, D)
-        y, c, s = m.step(torch.randn(5, D), torch.zeros(5, di, cfg.d_conv), torch.zeros(5, di, cfg.d_state))
-        assert y.shape == (5, D) and c.shape == (5, di, cfg.d_conv) and s.shape == (5, di, cfg.d_state)
+        y, c, s = m.step(torch.randn(5, D),
+                         torch.zeros(5, di, cfg.d_conv),
+                         torch.zeros(5, di, cfg.d_state))
+        assert y.shape == (5, D)
+        assert c.shape == (5, di, cfg.d_conv)
+        assert s.shape == (5, di, cfg.d_state)
         pos = sine_pos(h, h, D)
         assert pos.shape == (P, D)
-        Ft = model.compressor(torch.randn(Bsz, T, P, D), pos)
-        assert Ft.shape == (Bsz, T, P, D)
-        G = model.decoder(torch.randn(Bsz, P, D), torch.randn(Bsz, P, D), pos)
-        assert G.shape == (Bsz, P, D)
-        pd = model.pixel_decoder(G, f4, model.B[:N].expand(Bsz, N, D), tracked[:, 1], (h, h), "synthetic")
-        assert pd["fg"].shape == (cfg.L_p + 1, Bsz, Q)
-        assert pd["masks"].shape == (cfg.L_p + 1, Bsz, Q, 2 * h, 2 * h)
+        Ft = model.compressor(torch.randn(b, T, P, D), pos)
+        assert Ft.shape == (b, T, P, D)
+        G = model.decoder(torch.randn(b, P, D), torch.randn(b, P, D), pos)
+        assert G.shape == (b, P, D)
+        A = model.B[:N].expand(b, N, D)
+        pd = model.pixel_decoder(G, f4, A, tracked[:, 1], (h, h), "synthetic")
+        assert pd["fg"].shape == (cfg.L_p + 1, b, Q)
+        assert pd["masks"].shape == (cfg.L_p + 1, b, Q, 2 * h, 2 * h)
         out = model(frames, ids, history, tracked, dataset=cfg.class_heads[-1][0])
-        assert out["fg"].shape == (cfg.L_p + 1, Bsz, T, Q)
-        assert out["cls"].shape == (cfg.L_p + 1, Bsz, T, Q, cfg.class_heads[-1][1] + 1)
-        assert out["masks"].shape == (cfg.L_p + 1, Bsz, T, Q, H // 4, H // 4)
-        q, mask_features = torch.randn(Bsz, Q, D), torch.randn(Bsz, D, 2 * h, 2 * h)
+        assert out["fg"].shape == (cfg.L_p + 1, b, T, Q)
+        assert out["cls"].shape == (cfg.L_p + 1, b, T, Q, cfg.class_heads[-1][1] + 1)
+        assert out["masks"].shape == (cfg.L_p + 1, b, T, Q, H // 4, H // 4)
+        q, mask_features = torch.randn(b, Q, D), torch.randn(b, D, 2 * h, 2 * h)
         for name, K in cfg.class_heads:  # one K+1-way head per dataset
-            assert model.pixel_decoder.heads(q, mask_features, name)[1].shape == (Bsz, Q, K + 1)
-        assert model.pixel_decoder.heads(q, mask_features, "davis")[1] is None  # class-agnostic dataset
-        state = model.init_state(Bsz, N, H, H)
-        assert state.ids.shape == (Bsz, N) and len(set(state.ids[0].tolist())) == N  # distinct rows
+            assert model.pixel_decoder.heads(q, mask_features, name)[1].shape == (b, Q, K + 1)
+        # a class-agnostic dataset has no class head
+        assert model.pixel_decoder.heads(q, mask_features, "davis")[1] is None
+        state = model.init_state(b, N, H, H)
+        assert state.ids.shape == (b, N) and len(set(state.ids[0].tolist())) == N  # distinct rows
         assert len(state.conv) == len(state.ssm) == cfg.L_c and state.ssm[0].dtype == torch.float32
-        assert state.conv[0].shape == (Bsz * P, di, cfg.d_conv)
-        assert state.ssm[0].shape == (Bsz * P, di, cfg.d_state)
+        assert state.conv[0].shape == (b * P, di, cfg.d_conv)
+        assert state.ssm[0].shape == (b * P, di, cfg.d_state)
         out, state = model.step(frames[:, 0], state)
-        assert out["fg"].shape == (cfg.L_p + 1, Bsz, Q)
-        assert out["cls"].shape == (cfg.L_p + 1, Bsz, Q, 7)
-        assert out["masks"].shape == (cfg.L_p + 1, Bsz, Q, H // 4, H // 4)
-        assert state.X_prev.shape == (Bsz, D, h, h)
+        assert out["fg"].shape == (cfg.L_p + 1, b, Q)
+        assert out["cls"].shape == (cfg.L_p + 1, b, Q, 7)
+        assert out["masks"].shape == (cfg.L_p + 1, b, Q, H // 4, H // 4)
+        assert state.X_prev.shape == (b, D, h, h)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -240,7 +249,8 @@ def test_causality():
             out = model(*args)
             for k in ref:
                 torch.testing.assert_close(out[k][:, :, :2], ref[k][:, :, :2], rtol=0, atol=1e-6)
-                assert not torch.allclose(out[k][:, :, 2:], ref[k][:, :, 2:])  # the change is seen later
+                # the change is seen later
+                assert not torch.allclose(out[k][:, :, 2:], ref[k][:, :, 2:])
 
 
 # ------------------------------------------------------------------------- parallel == recurrent
@@ -270,7 +280,8 @@ def test_state_size_constant():
             out, state = model.step(torch.rand(1, 3, 16, 16), state)
             if t % 3 == 0 and t < 9:  # objects keep arriving; their latest masks replace older ones
                 state.alloc[0, t // 3 - 1] = True
-            up = out["masks"][-1, :, :3].repeat_interleave(4, -1).repeat_interleave(4, -2)  # (1, 3, 16, 16)
+            low = out["masks"][-1, :, :3]  # (1, 3, 4, 4)
+            up = low.repeat_interleave(4, -1).repeat_interleave(4, -2)  # (1, 3, 16, 16)
             state.M.copy_((up > 0).float())  # like infer.py: this frame's masks become M_t
             sizes[t] = state.nbytes()
     assert sizes[2] == sizes[200] == sizes[0]
@@ -322,11 +333,17 @@ def test_batched_equals_per_sample():
     with torch.no_grad():
         both = model(frames, ids, history, tracked)  # sample 1 has a padded slot 2 (id -1)
         for b, n in [(0, 3), (1, 2)]:  # each sample alone, without its padded slot
-            one = model(frames[b:b + 1], ids[b:b + 1, :n], history[b:b + 1, :, :n], tracked[b:b + 1, :, :n])
-            real = list(range(n)) + list(range(3, 3 + N_det))  # its slots, then the detection queries
+            one = model(frames[b:b + 1],
+                        ids[b:b + 1, :n],
+                        history[b:b + 1, :, :n],
+                        tracked[b:b + 1, :, :n])
+            # its slots, then the detection queries
+            real = list(range(n)) + list(range(3, 3 + N_det))
             for k in both:
-                torch.testing.assert_close(both[k][:, b:b + 1, :, real], one[k], rtol=1e-5, atol=1e-5)
-        # an untracked (not yet allocated) real slot is not a key either: dropping it changes nothing
+                batched = both[k][:, b:b + 1, :, real]  # sample b, its real slots
+                torch.testing.assert_close(batched, one[k], rtol=1e-5, atol=1e-5)
+        # an untracked (not yet allocated) real slot is not a key either: dropping it changes
+        # nothing
         t_now = tracked.clone()
         t_now[0, :, 2] = False
         with_slot = model(frames[:1], ids[:1], history[:1] * 0, t_now[:1])
@@ -358,8 +375,9 @@ def test_forward_backward_every_parameter_gets_gradient():
 
 # --------------------------------------------------------------- the one-frame shift (Alg. 1 l.11)
 def compressor_outputs(model, frames, ids, history, tracked, recurrent):
-    """F_1..F_T (b, T, P, D), the History Compressor's outputs, caught by a forward hook on its final
-    LayerNorm, which HistoryCompressor.forward (parallel form) and .step (recurrent form) both call."""
+    """F_1..F_T (b, T, P, D), the History Compressor's outputs, caught by a forward hook on its
+    final LayerNorm, which HistoryCompressor.forward (parallel form) and .step (recurrent form)
+    both call."""
     caught = []
 
     def catch(module, inputs, output):
@@ -396,7 +414,8 @@ def test_compressor_sees_the_previous_frame_not_the_current(recurrent):
     with torch.no_grad():
         ref = compressor_outputs(model, frames, ids, history, tracked, recurrent)
         new_t = compressor_outputs(model, frame_t_changed, ids, history, tracked, recurrent)
-        new_prev = compressor_outputs(model, frame_t_minus_1_changed, ids, history, tracked, recurrent)
+        new_prev = compressor_outputs(model, frame_t_minus_1_changed, ids, history, tracked,
+                                      recurrent)
     torch.testing.assert_close(new_t[:, :t + 1], ref[:, :t + 1], rtol=0, atol=1e-6)  # F_t unchanged
     assert not torch.allclose(new_t[:, t + 1], ref[:, t + 1])  # frame t reaches F_{t+1}
     torch.testing.assert_close(new_prev[:, :t], ref[:, :t], rtol=0, atol=1e-6)

@@ -1,6 +1,6 @@
-"""Tests for data.py: the RLE codec against pycocotools' golden outputs, brute-force run-length oracles,
-every reader on a tiny fixture written here, the synthetic generator's determinism and alignment, the
-held-out / training split, and each bad-input error."""
+"""Tests for data.py: the RLE codec against pycocotools' golden outputs, brute-force run-length
+oracles, every reader on a tiny fixture written here, the synthetic generator's determinism and
+alignment, the held-out / training split, and each bad-input error."""
 import hashlib
 import json
 from pathlib import Path
@@ -13,13 +13,15 @@ from PIL import Image
 
 import data
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "rle_golden.json"  # see tests/golden/README.md
+# see tests/golden/README.md
+GOLDEN = Path(__file__).resolve().parent / "golden" / "rle_golden.json"
 
 
 @pytest.fixture(scope="module")
 def golden():
     if not GOLDEN.is_file():
-        pytest.fail(f"golden file {GOLDEN} is missing; it is part of the repository (tests/golden/)")
+        pytest.fail(f"golden file {GOLDEN} is missing; it is part of the repository "
+                    "(tests/golden/)")
     return json.loads(GOLDEN.read_text())
 
 
@@ -60,7 +62,8 @@ def test_golden_encode_cases(golden):
         assert data.rle_area(rle) == c["area"], c["name"]
         assert data.mask_to_bbox(m) == c["bbox_xywh"], c["name"]
         for counts in (c["rle_string"], c["rle_string"].encode("ascii"), c["counts"]):
-            np.testing.assert_array_equal(data.rle_decode({"size": [c["h"], c["w"]], "counts": counts}), m)
+            decoded = data.rle_decode({"size": [c["h"], c["w"]], "counts": counts})
+            np.testing.assert_array_equal(decoded, m)
 
 
 def test_golden_polygons_and_boxes(golden):
@@ -76,7 +79,7 @@ def test_golden_polygons_and_boxes(golden):
         if "mask_rows" in c:
             np.testing.assert_array_equal(m, _rows(c["mask_rows"]))
     for c in golden["box_cases"]:
-        x, y, bw, bh = c["bbox_xywh_in"]                                   # pycocotools: a box is a 4-point polygon
+        x, y, bw, bh = c["bbox_xywh_in"]  # pycocotools: a box is a 4-point polygon
         m = data.polygons_to_mask([[x, y, x, y + bh, x + bw, y + bh, x + bw, y]], c["h"], c["w"])
         assert data.rle_encode(m)["counts"] == c["rle_string"], c["name"]
         np.testing.assert_array_equal(m, _rows(c["mask_rows"]))
@@ -95,7 +98,7 @@ def test_golden_uncompressed_and_merge_iou(golden):
         assert data.rle_encode(da & db)["counts"] == c["intersection_rle"]
         assert abs(data.mask_iou(a, b) - c["iou_a_vs_b"]) < 1e-12
         assert abs(data.mask_iou(a, b, crowd=True) - c["iou_a_vs_b_crowd"]) < 1e-12
-    assert data.mask_iou(np.zeros((3, 3)), np.zeros((3, 3))) == 0.0           # empty vs empty is 0 here
+    assert data.mask_iou(np.zeros((3, 3)), np.zeros((3, 3))) == 0.0  # empty vs empty is 0 here
 
 
 def test_rle_round_trip_random_masks():
@@ -104,11 +107,13 @@ def test_rle_round_trip_random_masks():
         h, w = int(rng.integers(1, 40)), int(rng.integers(1, 40))
         m = (rng.random((h, w)) < rng.choice([0.0, 0.02, 0.3, 0.7, 0.98, 1.0])).astype(np.uint8)
         rle = data.rle_encode(m)
-        assert data.rle_counts(rle) == _brute_counts(m), k                  # compressed string decodes to the oracle
+        # compressed string decodes to the oracle
+        assert data.rle_counts(rle) == _brute_counts(m), k
         np.testing.assert_array_equal(data.rle_decode(rle), m)
-        np.testing.assert_array_equal(data.rle_decode({"size": [h, w], "counts": _brute_counts(m)}), m)
+        uncompressed = {"size": [h, w], "counts": _brute_counts(m)}
+        np.testing.assert_array_equal(data.rle_decode(uncompressed), m)
     big = np.zeros((480, 854), np.uint8)
-    big[::7, 3::11] = 1                                                    # large counts (deltas > 5 bits)
+    big[::7, 3::11] = 1  # large counts (deltas > 5 bits)
     np.testing.assert_array_equal(data.rle_decode(data.rle_encode(big)), big)
 
 
@@ -116,12 +121,12 @@ def test_rle_bad_input():
     with pytest.raises(ValueError, match="cover 13 pixels.*3x4"):
         data.rle_decode({"size": [3, 4], "counts": [5, 8]})               # runs overflow the image
     with pytest.raises(ValueError, match="middle of a count"):
-        data.rle_decode({"size": [3, 4], "counts": "0l"})                 # 'l' says "more follows", then nothing
+        data.rle_decode({"size": [3, 4], "counts": "0l"})  # 'l' says "more follows", then nothing
     with pytest.raises(ValueError, match="size"):
         data.rle_decode({"counts": "<"})
     with pytest.warns(UserWarning, match="4 numbers"):
         m = data.polygons_to_mask([[0, 0, 3, 3], [0, 0, 4, 0, 4, 4, 0, 4]], 5, 5)
-    assert int(m.sum()) == 16                                              # the short one skipped, the square kept
+    assert int(m.sum()) == 16  # the short one skipped, the square kept
 
 
 def test_palette_png(tmp_path):
@@ -130,7 +135,8 @@ def test_palette_png(tmp_path):
     with Image.open(tmp_path / "m.png") as im:
         assert im.mode == "P"
         pal = im.getpalette()[:15]
-    assert pal == [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128]  # the PASCAL VOC colour map
+    # the PASCAL VOC colour map
+    assert pal == [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128]
     assert data.VOC_PALETTE[255 * 3:] == [224, 224, 192]
     np.testing.assert_array_equal(data.read_palette_png(tmp_path / "m.png"), ids)
     Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(tmp_path / "rgb.png")
@@ -153,7 +159,7 @@ def test_synthetic_clip_contract_and_determinism():
         assert a.masks.shape == (N, 4, 64, 64) and a.masks.dtype == torch.bool and N >= 1
         assert a.labels.shape == (N,) and a.labels.dtype == torch.long
         assert ((a.labels >= 0) & (a.labels < data.NUM_CLASSES["synthetic"])).all()
-        assert a.masks.sum(0).max() <= 1                                  # visible masks never overlap
+        assert a.masks.sum(0).max() <= 1  # visible masks never overlap
         assert a.masks.flatten(1).any(1).all() and a.dataset == "synthetic"
     other = next(data.train_stream("synthetic", 2, T=4, size=64, seed=4))
     assert not torch.equal(a.frames, other.frames)
@@ -162,28 +168,34 @@ def test_synthetic_clip_contract_and_determinism():
 
 def test_ranks_and_heldout_never_share_a_video():
     heldout = data.heldout("synthetic", n=8, T=6, size=48)
-    assert [_digest(c.frames) for c in heldout] == [_digest(c.frames) for c in data.heldout("synthetic", 8, 6, 48)]
+    again = data.heldout("synthetic", 8, 6, 48)
+    assert [_digest(c.frames) for c in heldout] == [_digest(c.frames) for c in again]
     seen = {_digest(c.frames[0]) for c in heldout}
     assert len(seen) == 8
-    streams = [data.train_stream("synthetic", 2, T=6, size=48, seed=0, rank=r, world=2) for r in range(2)]
+    streams = [data.train_stream("synthetic", 2, T=6, size=48, seed=0, rank=r, world=2)
+               for r in range(2)]
     train = [next(s) for _ in range(30) for s in streams]
     names = [c.name for c in train]
-    assert len(set(names)) == len(names)                                   # the two ranks never repeat a clip
-    assert not seen & {_digest(c.frames[0]) for c in train}                # no held-out video in training
+    assert len(set(names)) == len(names)  # the two ranks never repeat a clip
+    assert not seen & {_digest(c.frames[0]) for c in train}  # no held-out video in training
 
 
 def test_synthetic_videos_have_motion_occlusion_exits_and_entries():
     clips = data.heldout("synthetic", n=16, T=16, size=64)
     present = [c.masks.flatten(2).any(2) for c in clips]                  # (N, T) per clip
-    enters = any((~p[:, 0] & p.any(1)).any() for p in present)           # absent at t=0, visible later
-    returns = any(((p[:, :-2] & ~p[:, 1:-1]).any(1)[:, None] & p).any() and
-                  any(p[i, t] and not p[i, t + 1] and p[i, t + 2:].any() for i in range(len(p)) for t in range(14))
-                  for p in present)                                       # leaves and comes back
+    enters = any((~p[:, 0] & p.any(1)).any() for p in present)  # absent at t=0, visible later
+
+    def leaves_and_comes_back(p):  # p: (N, T), object i visible in frame t
+        has_gap = ((p[:, :-2] & ~p[:, 1:-1]).any(1)[:, None] & p).any()
+        return has_gap and any(p[i, t] and not p[i, t + 1] and p[i, t + 2:].any()
+                               for i in range(len(p)) for t in range(14))
+    returns = any(leaves_and_comes_back(p) for p in present)
     assert enters and returns
     moved = [(c.masks[:, 0] ^ c.masks[:, -1]).any() for c in clips]
     assert all(moved)
-    area = torch.cat([c.masks.flatten(2).sum(2).float().max(1).values for c in clips])   # best view per object
-    assert area.min() >= 4 and area.median() >= 40                        # objects, not specks (at 64 x 64)
+    # best view per object
+    area = torch.cat([c.masks.flatten(2).sum(2).float().max(1).values for c in clips])
+    assert area.min() >= 4 and area.median() >= 40  # objects, not specks (at 64 x 64)
 
 
 def _erode(m):
@@ -196,7 +208,8 @@ def test_pseudo_video_keeps_masks_on_their_pixels():
     colours = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
     img = torch.full((3, 64, 64), 0.5)
     masks = torch.zeros(3, 64, 64, dtype=torch.bool)
-    for i, (y, x, hh, ww) in enumerate([(5, 8, 20, 12), (30, 35, 10, 25), (40, 4, 18, 18)]):   # asymmetric layout
+    # asymmetric layout
+    for i, (y, x, hh, ww) in enumerate([(5, 8, 20, 12), (30, 35, 10, 25), (40, 4, 18, 18)]):
         masks[i, y:y + hh, x:x + ww] = True
         img[:, masks[i]] = colours[i][:, None]
     frames, m = data.pseudo_video(img, masks, 6, 48, rng)
@@ -205,12 +218,12 @@ def test_pseudo_video_keeps_masks_on_their_pixels():
     for i in range(3):
         for t in range(6):
             inner = _erode(m[i, t])
-            if inner.any():                                                # interior pixels carry the colour
+            if inner.any():  # interior pixels carry the colour
                 assert (frames[t][:, inner] - colours[i][:, None]).abs().max() < 1e-4, (i, t)
             pure = ((frames[t] - colours[i][:, None, None]).abs().max(0).values < 1e-4)
-            assert not (pure & ~m[i, t]).any(), (i, t)                     # and the colour lies inside its mask
+            assert not (pure & ~m[i, t]).any(), (i, t)  # and the colour lies inside its mask
     clip = next(data.train_stream("synthetic", 1, T=5, size=64, seed=1))
-    for i in range(len(clip.ids)):                                         # synthetic stills: same object colour
+    for i in range(len(clip.ids)):  # synthetic stills: same object colour
         cols = [clip.frames[t][:, _erode(clip.masks[i, t])].mean(1) for t in range(5)
                 if _erode(clip.masks[i, t]).sum() > 5]
         assert all((c - cols[0]).abs().max() < 0.12 for c in cols)
@@ -227,9 +240,9 @@ def test_synthetic_generation_speed():
     assert ms < 25, f"{ms:.1f} ms per 128x128 frame (target < 5 on an idle core)"
 
 
-# ----------------------------------------------------------------------------- fixtures in the real formats
-S = 32                                                     # fixture frames are S x S, read back at size S
-BOXES = {1: (2, 10, 3, 12), 2: (14, 22, 18, 30), 3: (20, 30, 2, 9)}     # object id -> y0, y1, x0, x1
+# --------------------------------------------------------------------- fixtures in the real formats
+S = 32  # fixture frames are S x S, read back at size S
+BOXES = {1: (2, 10, 3, 12), 2: (14, 22, 18, 30), 3: (20, 30, 2, 9)}  # object id -> y0, y1, x0, x1
 COLOURS = {1: (250, 20, 20), 2: (20, 250, 20), 3: (20, 20, 250)}
 
 
@@ -241,7 +254,8 @@ def _box(k, h=S, w=S):
 
 
 def _write_frame(path, t, objects, h=S, w=S):
-    """A flat frame whose red level says which frame it is (10 + 20 t), with the objects' boxes painted."""
+    """A flat frame whose red level says which frame it is (10 + 20 t), with the objects' boxes
+    painted."""
     img = np.full((h, w, 3), 60, np.uint8)
     img[..., 0] = 10 + 20 * t
     for k in objects:
@@ -251,11 +265,12 @@ def _write_frame(path, t, objects, h=S, w=S):
 
 
 def _frame_index(frame):
-    return int(round((frame[0, 0, -1].item() * 255 - 10) / 20))          # bottom-left corner is background
+    return int(round((frame[0, 0, -1].item() * 255 - 10) / 20))  # bottom-left corner is background
 
 
 def _write_png_video(jdir, adir, n, present, masked=None, ids_override=None):
-    """n frames; present[k] = first frame of object k; masks only for frames in `masked` (default all)."""
+    """n frames; present[k] = first frame of object k; masks only for frames in `masked` (default
+    all)."""
     for t in range(n):
         objs = [k for k, t0 in present.items() if t >= t0]
         _write_frame(jdir / f"{t:05d}.jpg", t, objs)
@@ -270,7 +285,10 @@ def _write_png_video(jdir, adir, n, present, masked=None, ids_override=None):
 def davis(tmp_path):
     root = tmp_path / "DAVIS"
     for seq in ("a", "b"):
-        _write_png_video(root / "JPEGImages/480p" / seq, root / "Annotations/480p" / seq, 8, {1: 0, 2: 3})
+        _write_png_video(root / "JPEGImages/480p" / seq,
+                         root / "Annotations/480p" / seq,
+                         8,
+                         {1: 0, 2: 3})
     void = data.read_palette_png(root / "Annotations/480p/b/00000.png")
     void[0, :] = 255                                                       # a void row: background
     data.write_palette_png(root / "Annotations/480p/b/00000.png", void)
@@ -281,13 +299,15 @@ def davis(tmp_path):
 
 
 def _check_clip_against_boxes(clip, first, box_of=None):
-    """Each mask equals its object's box in the frames after its first appearance (frame read off the pixels)."""
+    """Each mask equals its object's box in the frames after its first appearance (frame read off
+    the pixels)."""
     ts = [_frame_index(f) for f in clip.frames]
     for i, k in enumerate(clip.ids):
         k = (box_of or {}).get(k, k)
         for j, t in enumerate(ts):
             expect = _box(k) if t >= first[k] else np.zeros((S, S), bool)
-            np.testing.assert_array_equal(clip.masks[i, j].numpy(), expect, err_msg=f"{clip.name} id {k} frame {t}")
+            np.testing.assert_array_equal(clip.masks[i, j].numpy(), expect,
+                                          err_msg=f"{clip.name} id {k} frame {t}")
     return ts
 
 
@@ -297,21 +317,23 @@ def test_davis_reader(davis):
     for _ in range(6):
         c = next(stream)
         assert c.name == "a" and c.dataset == "davis" and c.frames.shape == (3, 3, S, S)
-        ts = _check_clip_against_boxes(c, {1: 0, 2: 3})                   # masks follow the frames they came from
+        ts = _check_clip_against_boxes(c, {1: 0, 2: 3})  # masks follow the frames they came from
         assert ts == sorted(ts) and len(set(np.diff(ts))) == 1 and 1 <= ts[1] - ts[0] <= 3
         strides.add(ts[1] - ts[0])
         assert (c.labels == -1).all() and data.NUM_CLASSES["davis"] == 0
     assert len(strides) > 1                                                # the stride is sampled
     (val,) = data.heldout(f"davis:{davis}", n=5, T=None, size=S)
     assert val.name == "b" and val.ids == [1, 2] and val.frames.shape[0] == 8
-    assert _check_clip_against_boxes(val, {1: 0, 2: 3}) == list(range(8))  # void row 0 read as background
+    # void row 0 read as background
+    assert _check_clip_against_boxes(val, {1: 0, 2: 3}) == list(range(8))
     still = next(data.train_stream(f"davis:{davis}", stage=1, T=4, size=S))
     assert still.frames.shape == (4, 3, S, S) and still.masks.shape[1] == 4
 
 
 def test_mask_resize_is_nearest(davis):
     (val,) = data.heldout(f"davis:{davis}", n=1, T=1, size=S // 2)
-    np.testing.assert_array_equal(val.masks[0, 0].numpy(), _box(1)[1::2, 1::2])   # src pixel 2i + 1 for dst i
+    # src pixel 2i + 1 for dst i
+    np.testing.assert_array_equal(val.masks[0, 0].numpy(), _box(1)[1::2, 1::2])
     assert val.frames.shape == (1, 3, S // 2, S // 2)
 
 
@@ -320,7 +342,8 @@ def test_mose_reader_first_frame_masks_only(tmp_path):
     _write_png_video(root / "JPEGImages/v", root / "Annotations/v", 5, {1: 0, 3: 0}, masked={0})
     (c,) = data.heldout(f"mose:{root}", n=1, T=None, size=S)
     assert c.ids == [1, 3] and c.dataset == "mose" and c.frames.shape[0] == 5
-    assert c.masks[:, 0].flatten(1).any(1).all() and not c.masks[:, 1:].any()   # later frames: no annotation
+    # later frames: no annotation
+    assert c.masks[:, 0].flatten(1).any(1).all() and not c.masks[:, 1:].any()
     with pytest.raises(FileNotFoundError, match=r"frame 00001\.jpg has no mask .*00001\.png"):
         next(data.train_stream(f"mose:{root}", stage=2, T=2, size=S))   # training needs every mask
 
@@ -337,46 +360,61 @@ def _ytvos(root, split, present, masked=None, ids_override=None, listed=None):
 def test_ytvos_reader_sparse_validation(tmp_path):
     root = tmp_path / "ytvos"
     _ytvos(root, "train", {1: 0, 2: 2})
-    _ytvos(root, "valid", {1: 0, 2: 2}, masked={0, 2}, ids_override={2: [2]})   # frame 2 holds only the new object
+    # frame 2 holds only the new object
+    _ytvos(root, "valid", {1: 0, 2: 2}, masked={0, 2}, ids_override={2: [2]})
     c = next(data.train_stream(f"ytvos:{root}", stage=2, T=2, size=S))
     assert c.dataset == "ytvos" and set(c.ids) <= {1, 2}
     _check_clip_against_boxes(c, {1: 0, 2: 2})
     (v,) = data.heldout(f"ytvos:{root}", T=None, size=S)
     assert v.ids == [1, 2] and v.frames.shape[0] == 4 and (v.labels == -1).all()
     np.testing.assert_array_equal(v.masks[0, 0].numpy(), _box(1))
-    np.testing.assert_array_equal(v.masks[1, 2].numpy(), _box(2))        # first appearance, later frame
-    assert not v.masks[0, 1:].any() and not v.masks[1, :2].any() and not v.masks[1, 3].any()   # 0 = unknown
+    np.testing.assert_array_equal(v.masks[1, 2].numpy(), _box(2))  # first appearance, later frame
+    # 0 = unknown
+    assert not v.masks[0, 1:].any() and not v.masks[1, :2].any() and not v.masks[1, 3].any()
 
 
 def test_ytvos_bad_input(tmp_path):
     _ytvos(tmp_path / "a", "train", {1: 0, 2: 0}, ids_override={1: [1, 3]})
-    (tmp_path / "a/train/meta.json").write_text(json.dumps({"videos": {"v1": {"objects": {
-        "1": {"category": "cat", "frames": ["00000"]}, "2": {"category": "dog", "frames": ["00000"]}}}}}))
-    with pytest.raises(ValueError, match=r"00001\.png: object id 3 in frame 1 is not listed in .*meta\.json"):
+    objects = {"1": {"category": "cat", "frames": ["00000"]},
+               "2": {"category": "dog", "frames": ["00000"]}}
+    meta = {"videos": {"v1": {"objects": objects}}}
+    (tmp_path / "a/train/meta.json").write_text(json.dumps(meta))
+    unlisted = r"00001\.png: object id 3 in frame 1 is not listed in .*meta\.json"
+    with pytest.raises(ValueError, match=unlisted):
         list(data.heldout(f"ytvos:{tmp_path / 'a/train'}", T=None, size=S))
-    _ytvos(tmp_path / "b", "train", {1: 0}, masked={0, 1, 3})             # meta lists frame 2, its PNG is gone
+    _ytvos(tmp_path / "b", "train", {1: 0}, masked={0, 1, 3})  # meta lists frame 2, its PNG is gone
     with pytest.raises(FileNotFoundError, match=r"v1: frame 00002\.jpg has no mask"):
         next(data.train_stream(f"ytvos:{tmp_path / 'b'}", stage=2, T=2, size=S))
 
 
 def _poly(k):
     y0, y1, x0, x1 = BOXES[k]
-    return [x0, y0, x1, y0, x1, y1, x0, y1]                                # rasterises to exactly the box
+    return [x0, y0, x1, y0, x1, y1, x0, y1]  # rasterises to exactly the box
 
 
 def _vis_json(tmp_path, seg1=None):
     img = tmp_path / "imgs"
     for t in range(4):
         _write_frame(img / "vid" / f"{t}.jpg", t, [1] + ([2] if t >= 2 else []))
-    rle = lambda k: data.rle_encode(_box(k))                                # noqa: E731
-    d = {"videos": [{"id": 7, "width": S, "height": S, "length": 4, "file_names": [f"vid/{t}.jpg" for t in range(4)]}],
+
+    def rle(k):
+        return data.rle_encode(_box(k))
+    # annotation 10, frame by frame: polygon, uncompressed, compressed, bytes
+    seg10 = seg1 or [[_poly(1)],
+                     {"size": [S, S], "counts": _brute_counts(_box(1))},
+                     rle(1),
+                     {"size": [S, S], "counts": rle(1)["counts"]}]
+    video = {"id": 7, "width": S, "height": S, "length": 4,
+             "file_names": [f"vid/{t}.jpg" for t in range(4)]}
+    d = {"videos": [video],
          "categories": [{"id": 9, "name": "z"}, {"id": 3, "name": "x"}, {"id": 5, "name": "y"}],
          "annotations": [
-             {"id": 10, "video_id": 7, "category_id": 5, "iscrowd": 0,     # polygon, uncompressed, compressed, bytes
-              "segmentations": seg1 or [[_poly(1)], {"size": [S, S], "counts": _brute_counts(_box(1))}, rle(1),
-                                        {"size": [S, S], "counts": rle(1)["counts"]}]},
-             {"id": 11, "video_id": 7, "category_id": 3, "iscrowd": 1, "segmentations": [rle(3)] * 4},
-             {"id": 12, "video_id": 7, "category_id": 3, "iscrowd": 0, "segmentations": [None, None, rle(2), rle(2)]}]}
+             {"id": 10, "video_id": 7, "category_id": 5, "iscrowd": 0,
+              "segmentations": seg10},
+             {"id": 11, "video_id": 7, "category_id": 3, "iscrowd": 1,
+              "segmentations": [rle(3)] * 4},
+             {"id": 12, "video_id": 7, "category_id": 3, "iscrowd": 0,
+              "segmentations": [None, None, rle(2), rle(2)]}]}
     (tmp_path / "vis.json").write_text(json.dumps(d))
     return tmp_path / "vis.json", img
 
@@ -385,8 +423,9 @@ def _vis_json(tmp_path, seg1=None):
 def test_ytvis_reader(tmp_path, name):
     js, img = _vis_json(tmp_path)
     (c,) = data.heldout(f"{name}:{js}:{img}", T=None, size=S)
-    assert c.dataset == name and c.name == "7" and c.ids == [10, 12]      # the crowd annotation is dropped
-    assert c.labels.tolist() == [1, 0]                                     # category ids 3, 5, 9 -> 0, 1, 2
+    # the crowd annotation is dropped
+    assert c.dataset == name and c.name == "7" and c.ids == [10, 12]
+    assert c.labels.tolist() == [1, 0]  # category ids 3, 5, 9 -> 0, 1, 2
     assert _check_clip_against_boxes(c, {1: 0, 2: 2}, {10: 1, 12: 2}) == [0, 1, 2, 3]
     c2 = next(data.train_stream(f"{name}:{js}:{img}", stage=2, T=2, size=S))
     assert c2.dataset == name and _check_clip_against_boxes(c2, {1: 0, 2: 2}, {10: 1, 12: 2})
@@ -395,7 +434,8 @@ def test_ytvis_reader(tmp_path, name):
 def test_ytvis_bad_input(tmp_path):
     overflow = {"size": [S, S], "counts": [S * S - 3, 10]}
     js, img = _vis_json(tmp_path, seg1=[[_poly(1)], overflow, None, None])
-    with pytest.raises(ValueError, match=r"vis\.json: video 7 frame 1 .*annotation 10: RLE runs cover 1031 pixels"):
+    overflowed = r"vis\.json: video 7 frame 1 .*annotation 10: RLE runs cover 1031 pixels"
+    with pytest.raises(ValueError, match=overflowed):
         data.heldout(f"ytvis19:{js}:{img}", T=None, size=S)
     js, img = _vis_json(tmp_path, seg1=[[_poly(1), [1, 2, 3, 4]], None, None, None])
     with pytest.warns(UserWarning, match=r"video 7 frame 0 .*annotation 10: polygon 1: 4 numbers"):
@@ -411,13 +451,15 @@ def test_json_missing_keys_are_named(tmp_path):
     d = json.loads(js.read_text())
     del d["videos"][0]["height"], d["annotations"][1]["video_id"]
     js.write_text(json.dumps(d))
-    with pytest.raises(ValueError, match=r"vis\.json: videos\[0\] has no \['height'\]; each entry of 'videos' needs"):
+    no_height = r"vis\.json: videos\[0\] has no \['height'\]; each entry of 'videos' needs"
+    with pytest.raises(ValueError, match=no_height):
         data.heldout(f"ytvis19:{js}:{img}", T=None, size=S)
     d["videos"][0]["height"] = S
     js.write_text(json.dumps(d))
     with pytest.raises(ValueError, match=r"annotations\[1\] has no \['video_id'\]"):
         data.heldout(f"ovis:{js}:{img}", T=None, size=S)
-    js.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "height": S}], "annotations": []}))
+    no_width = {"images": [{"id": 1, "file_name": "a.jpg", "height": S}], "annotations": []}
+    js.write_text(json.dumps(no_width))
     with pytest.raises(ValueError, match=r"images\[0\] has no \['width'\]"):
         data.heldout(f"coco:{js}:{img}", size=S)
 
@@ -432,21 +474,23 @@ def test_coco_reader_makes_pseudo_videos(tmp_path):
          "categories": [{"id": 1, "name": "a"}, {"id": 5, "name": "b"}, {"id": 90, "name": "c"}],
          "annotations": [
              {"id": 1, "image_id": 4, "category_id": 90, "iscrowd": 0, "segmentation": [_poly(1)]},
-             {"id": 2, "image_id": 4, "category_id": 1, "iscrowd": 0, "segmentation": [left, right, [0, 0]]},
+             {"id": 2, "image_id": 4, "category_id": 1, "iscrowd": 0,
+              "segmentation": [left, right, [0, 0]]},
              {"id": 3, "image_id": 4, "category_id": 5, "iscrowd": 1,
               "segmentation": {"size": [S, S], "counts": _brute_counts(_box(3))}}]}
     (tmp_path / "coco.json").write_text(json.dumps(d))
     spec = f"coco:{tmp_path / 'coco.json'}:{img}"
     with pytest.warns(UserWarning, match="polygon 2: 2 numbers"):
-        (video,) = data._open(spec, train=True)                           # the image without objects is skipped
+        (video,) = data._open(spec, train=True)  # the image without objects is skipped
         masks = video.load(0, S, S)
     assert sorted(masks) == [1, 2]                                         # crowd dropped
     np.testing.assert_array_equal(masks[2], _box(2))                      # two polygons merged
     with pytest.warns(UserWarning):
         c = next(data.train_stream(spec, stage=2, T=3, size=S))
-    assert c.dataset == "coco" and c.name == "one" and c.ids == [1, 2] and c.labels.tolist() == [2, 0]
+    assert c.dataset == "coco" and c.name == "one"
+    assert c.ids == [1, 2] and c.labels.tolist() == [2, 0]
     assert c.frames.shape == (3, 3, S, S) and c.masks.shape == (2, 3, S, S)
-    for i, k in enumerate(c.ids):                                          # views keep masks on their colour
+    for i, k in enumerate(c.ids):  # views keep masks on their colour
         for t in range(3):
             inner = _erode(c.masks[i, t])
             if inner.any():
@@ -456,7 +500,9 @@ def test_coco_reader_makes_pseudo_videos(tmp_path):
 
 def test_bad_images_and_masks(davis):
     seq, ann = davis / "JPEGImages/480p/a", davis / "Annotations/480p/a"
-    read = lambda t: data._read_clip(data._open(f"davis:{davis}", True)[0], [t], S)   # noqa: E731
+
+    def read(t):  # frame t of sequence a, opened afresh
+        return data._read_clip(data._open(f"davis:{davis}", True)[0], [t], S)
     good = (seq / "00001.jpg").read_bytes()
     (seq / "00001.jpg").write_bytes(good[: len(good) // 2])               # truncated JPEG
     with pytest.raises(ValueError, match=r"a/00001\.jpg: cannot decode frame image"):
@@ -464,11 +510,13 @@ def test_bad_images_and_masks(davis):
     (seq / "00001.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(ValueError, match=r"00001\.jpg: cannot decode"):
         read(1)
-    Image.fromarray(np.zeros((S, S, 3), np.uint8)).save(ann / "00002.png")   # RGB instead of palette
-    with pytest.raises(ValueError, match=r"a/00002\.png: mask is mode 'RGB'; expected an 8-bit palette"):
+    Image.fromarray(np.zeros((S, S, 3), np.uint8)).save(ann / "00002.png")  # RGB instead of palette
+    not_palette = r"a/00002\.png: mask is mode 'RGB'; expected an 8-bit palette"
+    with pytest.raises(ValueError, match=not_palette):
         read(2)
     data.write_palette_png(ann / "00003.png", np.zeros((S // 2, S), np.uint8))   # wrong size
-    with pytest.raises(ValueError, match=r"00003\.png: mask is 32x16 \(w x h\) but its frame is 32x32"):
+    wrong_size = r"00003\.png: mask is 32x16 \(w x h\) but its frame is 32x32"
+    with pytest.raises(ValueError, match=wrong_size):
         read(3)
     (ann / "00004.png").unlink()                                           # frame without mask
     with pytest.raises(FileNotFoundError, match=r"a: frame 00004\.jpg has no mask"):
@@ -479,12 +527,13 @@ def test_bad_images_and_masks(davis):
         data.heldout("ytvis19:only.json")
 
 
-# ----------------------------------------------------------------------------- writing the synthetic set
+# ------------------------------------------------------------------------ writing the synthetic set
 @pytest.mark.parametrize("fmt", ["davis", "ytvis", "coco"])
 def test_write_synthetic_reads_back(tmp_path, fmt):
     T = 1 if fmt == "coco" else 3
     written = data.write_synthetic(fmt, tmp_path, num_videos=2, T=3, size=48)
-    spec = {"davis": f"davis:{tmp_path}", "ytvis": f"ytvis19:{tmp_path / 'instances.json'}:{tmp_path / 'JPEGImages'}",
+    spec = {"davis": f"davis:{tmp_path}",
+            "ytvis": f"ytvis19:{tmp_path / 'instances.json'}:{tmp_path / 'JPEGImages'}",
             "coco": f"coco:{tmp_path / 'instances.json'}:{tmp_path / 'images'}"}[fmt]
     if fmt == "coco":
         back = [data._read_clip(v, [0], 48) for v in data._open(spec, train=False)]
@@ -492,10 +541,11 @@ def test_write_synthetic_reads_back(tmp_path, fmt):
         back = data.heldout(spec, n=2, T=None, size=48)
     assert len(back) == 2
     for w, b in zip(written, back):
-        assert b.frames.shape[0] == T and torch.equal(b.masks, w.masks)   # palette PNG / RLE are lossless
-        assert (b.frames - w.frames).abs().mean() < 0.03                  # JPEG is not
+        # palette PNG / RLE are lossless
+        assert b.frames.shape[0] == T and torch.equal(b.masks, w.masks)
+        assert (b.frames - w.frames).abs().mean() < 0.03  # JPEG is not
         if fmt != "davis":
-            assert torch.equal(b.labels, w.labels)                        # category ids 1..6 -> 0..5
+            assert torch.equal(b.labels, w.labels)  # category ids 1..6 -> 0..5
         else:
             assert b.ids == w.ids
 
@@ -504,10 +554,13 @@ def test_cli_help_and_write(tmp_path):
     import subprocess
     import sys
     repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(repo / "data.py"), "-h"], capture_output=True, text=True)
+    cli = [sys.executable, str(repo / "data.py")]
+    out = subprocess.run(cli + ["-h"], capture_output=True, text=True)
     assert out.returncode == 0 and "--num-videos" in out.stdout and "--frames" in out.stdout
-    out = subprocess.run([sys.executable, str(repo / "data.py"), "--write", f"davis:{tmp_path}", "--num-videos", "1",
-                          "--frames", "2", "--size", "32"], capture_output=True, text=True)
+    out = subprocess.run(cli + ["--write", f"davis:{tmp_path}",
+                                "--num-videos", "1",
+                                "--frames", "2",
+                                "--size", "32"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     with Image.open(tmp_path / "Annotations/480p/synthetic-val-000/00001.png") as im:
         assert im.mode == "P" and im.size == (32, 32)

@@ -1,5 +1,6 @@
-"""Tests for infer.py: metrics against golden files (davis2017-evaluation, the YouTube-VIS cocoapi fork), then the
-streaming Segmenter and the inference CLI (mechanics with an untrained tiny model, constant memory, bad input)."""
+"""Tests for infer.py: metrics against golden files (davis2017-evaluation, the YouTube-VIS cocoapi
+fork), then the streaming Segmenter and the inference CLI (mechanics with an untrained tiny model,
+constant memory, bad input)."""
 import dataclasses
 import json
 import warnings
@@ -29,7 +30,8 @@ def load_golden(name):
 def davis_labels(seq, who):
     """(T, H, W) id maps of a golden sequence, from digit rows or from rectangles."""
     if f"{who}_label_rows" in seq:
-        return np.array([[[int(c) for c in row] for row in frame] for frame in seq[f"{who}_label_rows"]])
+        rows = seq[f"{who}_label_rows"]
+        return np.array([[[int(c) for c in row] for row in frame] for frame in rows])
     out = np.zeros((seq["T"], seq["h"], seq["w"]), np.uint8)
     for t, rects in enumerate(seq[f"{who}_rects_id_y0y1x0x1"]):
         for obj, y0, y1, x0, x1 in rects:                       # later rectangles overwrite
@@ -46,13 +48,15 @@ def test_davis_golden_sequence(seq):
     J, F = infer.davis_sequence(gt, pred)
     np.testing.assert_allclose(J, seq["J_per_object_per_frame"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(F, seq["F_per_object_per_frame"], rtol=0, atol=1e-6)
-    np.testing.assert_allclose([infer.davis_statistics(j) for j in J], seq["per_object_stats_M_R_D"]["J"], atol=1e-6)
-    np.testing.assert_allclose([infer.davis_statistics(f) for f in F], seq["per_object_stats_M_R_D"]["F"], atol=1e-6)
+    stats = seq["per_object_stats_M_R_D"]
+    np.testing.assert_allclose([infer.davis_statistics(j) for j in J], stats["J"], atol=1e-6)
+    np.testing.assert_allclose([infer.davis_statistics(f) for f in F], stats["F"], atol=1e-6)
 
 
 def test_davis_golden_global():
     golden = load_golden("davis_jf_golden.json")
-    s = infer.davis_scores((q["name"], davis_labels(q, "gt"), davis_labels(q, "pred")) for q in golden["sequences"])
+    s = infer.davis_scores((q["name"], davis_labels(q, "gt"), davis_labels(q, "pred"))
+                           for q in golden["sequences"])
     for k, v in golden["global"].items():
         assert s[k] == pytest.approx(v, abs=1e-6), k
 
@@ -61,8 +65,10 @@ def test_davis_empty_cases():
     empty, box = np.zeros((6, 8), bool), np.zeros((6, 8), bool)
     box[2:4, 3:6] = True
     assert infer.davis_j(empty, empty) == 1 and infer.davis_f(empty, empty) == 1
-    assert infer.davis_j(box, empty) == 0 and infer.davis_f(box, empty) == 0 and infer.davis_f(empty, box) == 0
-    # a mask filling the frame has no boundary (the image border is not one), as in davis2017's _seg2bmap
+    assert infer.davis_j(box, empty) == 0
+    assert infer.davis_f(box, empty) == 0 and infer.davis_f(empty, box) == 0
+    # a mask filling the frame has no boundary (the image border is not one), as in davis2017's
+    # _seg2bmap
     assert infer.davis_f(np.ones((6, 8), bool), empty) == 1
 
 
@@ -83,7 +89,8 @@ def test_ytvis_golden_ious(case):
         vid, cat = map(int, key.split(","))
         d = [r for r in case["results"] if (r["video_id"], r["category_id"]) == (vid, cat)]
         d = [d[i] for i in np.argsort([-r["score"] for r in d], kind="mergesort")][:100]
-        g = [a for a in case["gt"]["annotations"] if (a["video_id"], a["category_id"]) == (vid, cat)]
+        g = [a for a in case["gt"]["annotations"]
+             if (a["video_id"], a["category_id"]) == (vid, cat)]
         v = next(v for v in case["gt"]["videos"] if v["id"] == vid)
         ious = infer._video_ious([x["segmentations"] for x in d], [y["segmentations"] for y in g],
                                  v["height"], v["width"])
@@ -97,7 +104,8 @@ def test_ytvis_results_against_themselves_score_one():
     gt = {"videos": case["gt"]["videos"], "categories": case["gt"]["categories"],
           "annotations": [dict(r, id=n + 1, iscrowd=0) for n, r in enumerate(results)]}
     s = infer.ytvis_ap(gt, results)
-    assert s["AP"] == pytest.approx(1.0) and s["AP50"] == pytest.approx(1.0) and s["AR100"] == pytest.approx(1.0)
+    assert s["AP"] == pytest.approx(1.0) and s["AP50"] == pytest.approx(1.0)
+    assert s["AR100"] == pytest.approx(1.0)
 
 
 def write_palette(path, ids):
@@ -112,9 +120,11 @@ def test_cli_davis_on_palette_folders_matches_golden(tmp_path, capsys):
     for q in golden["sequences"]:
         for t, (g, p) in enumerate(zip(davis_labels(q, "gt"), davis_labels(q, "pred"))):
             write_palette(tmp_path / "gt" / q["name"] / f"{t:05d}.png", g)
-            if 0 < t < q["T"] - 1:                              # first and last frame are not needed
+            if 0 < t < q["T"] - 1:  # first and last frame are not needed
                 write_palette(tmp_path / "pred" / q["name"] / f"{t:05d}.png", p)
-    s = infer.main(["--eval", "davis", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")])
+    s = infer.main(["--eval", "davis",
+                    "--pred", str(tmp_path / "pred"),
+                    "--gt", str(tmp_path / "gt")])
     out = capsys.readouterr().out
     assert "Global" in out and "small_a_2" in out and "big_480x854_rects_1" in out
     for k, v in golden["global"].items():
@@ -126,7 +136,9 @@ def test_cli_ytvis_matches_golden(tmp_path, capsys):
     case = YTVIS["cases"][1]
     (tmp_path / "gt.json").write_text(json.dumps(case["gt"]))
     (tmp_path / "results.json").write_text(json.dumps(case["results"]))
-    s = infer.main(["--eval", "ytvis", "--pred", str(tmp_path / "results.json"), "--gt", str(tmp_path / "gt.json")])
+    s = infer.main(["--eval", "ytvis",
+                    "--pred", str(tmp_path / "results.json"),
+                    "--gt", str(tmp_path / "gt.json")])
     out = capsys.readouterr().out
     for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10"):
         assert s[k] == pytest.approx(case["stats"][k], abs=1e-6) and f"{k} " in out
@@ -136,22 +148,26 @@ def test_rle_examples_from_evaluation_md():
     box = np.zeros((4, 5), bool)
     box[1:3, 1:4] = True
     np.testing.assert_array_equal(infer._decode({"size": [4, 5], "counts": "5220003"}, 4, 5), box)
-    np.testing.assert_array_equal(infer._decode({"size": [4, 5], "counts": [5, 2, 2, 2, 2, 2, 5]}, 4, 5), box)
+    uncompressed = {"size": [4, 5], "counts": [5, 2, 2, 2, 2, 2, 5]}
+    np.testing.assert_array_equal(infer._decode(uncompressed, 4, 5), box)
     assert not infer._decode({"size": [3, 4], "counts": "<"}, 3, 4).any()
     assert infer._decode({"size": [3, 4], "counts": "0<"}, 3, 4).all()
     assert not infer._decode(None, 3, 4).any()
 
 
 def test_ytvis_polygon_ground_truth_scores_one():
-    # PAPER.md Sec. 8: the polygon [0,0, 4,0, 4,4, 0,4] fills pixels 0..3 on both axes; the same square as RLE
+    # PAPER.md Sec. 8: the polygon [0,0, 4,0, 4,4, 0,4] fills pixels 0..3 on both axes; the same
+    # square as RLE
     square = {"size": [8, 8], "counts": [0, 4, 4, 4, 4, 4, 4, 4, 36]}
     gt = {"videos": [{"id": 1, "height": 8, "width": 8, "length": 2}], "categories": [{"id": 1}],
           "annotations": [{"id": 1, "video_id": 1, "category_id": 1, "iscrowd": 0,
                            "segmentations": [[[0, 0, 4, 0, 4, 4, 0, 4]], None]}]}
-    s = infer.ytvis_ap(gt, [{"video_id": 1, "category_id": 1, "score": 0.9, "segmentations": [square, None]}])
+    result = {"video_id": 1, "category_id": 1, "score": 0.9, "segmentations": [square, None]}
+    s = infer.ytvis_ap(gt, [result])
     assert s["AP"] == pytest.approx(1.0) and s["APs"] == pytest.approx(1.0) and s["APl"] == -1
+    short = {"video_id": 1, "category_id": 1, "score": 0.9, "segmentations": [square]}
     with pytest.raises(ValueError, match="1 segmentations; the ground truth has 2 frames"):
-        infer.ytvis_ap(gt, [{"video_id": 1, "category_id": 1, "score": 0.9, "segmentations": [square]}])
+        infer.ytvis_ap(gt, [short])
 
 
 def test_bad_input_is_explained(tmp_path):
@@ -164,19 +180,22 @@ def test_bad_input_is_explained(tmp_path):
     (tmp_path / "pred" / "seq").mkdir(parents=True)
     for t in range(4):
         write_palette(tmp_path / "gt" / "seq" / f"{t:05d}.png", gt[t])
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "pred" / "seq" / "00001.png")   # RGB
+    rgb = Image.fromarray(np.zeros((8, 8, 3), np.uint8))  # RGB, not a palette image
+    rgb.save(tmp_path / "pred" / "seq" / "00001.png")
+    args = ["--eval", "davis", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]
     with pytest.raises(SystemExit, match="palette"):
-        infer.main(["--eval", "davis", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")])
+        infer.main(args)
     with pytest.raises(SystemExit, match="00002.png"):
         write_palette(tmp_path / "pred" / "seq" / "00001.png", gt[1])
-        infer.main(["--eval", "davis", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")])
+        infer.main(args)
 
 
-# ----------------------------------------------------------------------------- streaming inference (Segmenter, CLI)
+# ------------------------------------------------------------- streaming inference (Segmenter, CLI)
 
 
 def tiny_model(fg_bias=None, **cfg):
-    """An untrained tiny AUSM at 32x32; fg_bias sets every query's foreground logit bias (+: all fire)."""
+    """An untrained tiny AUSM at 32x32; fg_bias sets every query's foreground logit bias (+: all
+    fire)."""
     torch.manual_seed(0)
     model = ausm.AUSM(ausm.Config.tiny(**{"image_size": 32, **cfg})).eval()
     if fg_bias is not None:
@@ -192,7 +211,8 @@ def save_ckpt(path, model):
 
 def self_ap(results, T, h, w):
     """results.json against itself as ground truth (the test above, on our own output)."""
-    gt = {"videos": [{"id": 1, "height": h, "width": w, "length": T}], "categories": [{"id": k} for k in range(1, 8)],
+    gt = {"videos": [{"id": 1, "height": h, "width": w, "length": T}],
+          "categories": [{"id": k} for k in range(1, 8)],
           "annotations": [dict(r, id=n + 1, iscrowd=0) for n, r in enumerate(results)]}
     return infer.ytvis_ap(gt, results)
 
@@ -210,22 +230,30 @@ def test_prompted_objects_join_on_frames_0_and_5():
     a, b = np.zeros((32, 32), bool), np.zeros((32, 32), bool)
     a[4:12, 4:14], b[18:30, 16:28] = True, True
     seg, seen, step = infer.Segmenter(model, "prompted"), [], model.step
-    model.step = lambda x, state, dataset: seen.append(state.alloc[0, :2].tolist()) or step(x, state, dataset)
+
+    def recording_step(x, state, dataset):  # records what model.step sees as A_{t-1}
+        seen.append(state.alloc[0, :2].tolist())
+        return step(x, state, dataset)
+    model.step = recording_step
     for t in range(T):
         ids, scores = seg.step(frames[t], {7: a} if t == 0 else {9: b} if t == 5 else None)
-        assert set(np.unique(ids)) <= {0, 7, 9}                        # original ids, nothing else
-        assert seg.slot == ({7: 0} if t < 5 else {7: 0, 9: 1})          # the later object joins at frame 5
-        assert seg.state.alloc[0].tolist() == [True] * len(seg.slot) + [False] * (16 - len(seg.slot))
-        if t in (0, 5):                                                 # a prompt is that frame's output and history
+        assert set(np.unique(ids)) <= {0, 7, 9}  # original ids, nothing else
+        assert seg.slot == ({7: 0} if t < 5 else {7: 0, 9: 1})  # the later object joins at frame 5
+        n = len(seg.slot)
+        assert seg.state.alloc[0].tolist() == [True] * n + [False] * (16 - n)
+        if t in (0, 5):  # a prompt is that frame's output and history
             m = a if t == 0 else b
-            assert (ids[m] == (7 if t == 0 else 9)).all() and (7 if t == 0 else 9) not in scores  # given
-            np.testing.assert_array_equal(seg.state.M[0, seg.slot[7 if t == 0 else 9]].numpy(), m)
-        else:                       # tracked: M = each object's mask (logits > 0), in the id map where any is
-            M = seg.state.M[0, :len(seg.slot)].numpy() > 0                 # (n, 32, 32): H = W = image_size here
+            k = 7 if t == 0 else 9
+            assert (ids[m] == k).all() and k not in scores  # given
+            np.testing.assert_array_equal(seg.state.M[0, seg.slot[k]].numpy(), m)
+        else:  # tracked: M = each object's mask (logits > 0), in the id map where any is
+            # (n, 32, 32): H = W = image_size here
+            M = seg.state.M[0, :len(seg.slot)].numpy() > 0
             np.testing.assert_array_equal(M.any(0), ids > 0)
             assert all((M[i] | (ids != k)).all() for k, i in seg.slot.items())
-    assert len(set(seg.state.ids[0, :2].tolist())) == 2                # two distinct rows of the ID buffer B
-    # what model.step saw as A_{t-1}: y_0 painted on X_0 at step 0; object 9 is in the history from step 6 on
+    assert len(set(seg.state.ids[0, :2].tolist())) == 2  # two distinct rows of the ID buffer B
+    # what model.step saw as A_{t-1}: y_0 painted on X_0 at step 0; object 9 is in the history from
+    # step 6 on
     assert seen == [[True, False]] * 6 + [[True, True]] * 2
 
 
@@ -244,11 +272,12 @@ def test_prompted_bad_input_is_explained():
 
 def test_unprompted_top_k_and_buffer_exhaustion():
     frames = torch.rand(6, 3, 32, 32)
-    seg = infer.Segmenter(tiny_model(fg_bias=4.0), "unprompted", top_k=3)   # every detection fires
+    seg = infer.Segmenter(tiny_model(fg_bias=4.0), "unprompted", top_k=3)  # every detection fires
     for t, f in enumerate(frames):
         ids, scores = seg.step(f)
-        assert 0 < len(set(np.unique(ids)) - {0}) <= 3 and len(scores) <= 3   # top_k cuts the output only
-        assert len(seg.slot) == 16                                     # Alg. 1: all 16 detections got an ID
+        # top_k cuts the output only
+        assert 0 < len(set(np.unique(ids)) - {0}) <= 3 and len(scores) <= 3
+        assert len(seg.slot) == 16  # Alg. 1: all 16 detections got an ID
     seg = infer.Segmenter(tiny_model(fg_bias=4.0), "unprompted", top_k=100)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -257,18 +286,21 @@ def test_unprompted_top_k_and_buffer_exhaustion():
             assert ids.max() <= 16
     assert len([x for x in w if "ID buffer (N_id=16) is full" in str(x.message)]) == 1
     assert sorted(seg.slot) == list(range(1, 17)) and bool(seg.state.alloc.all())
-    assert all(len(p) == 6 and 0 <= p.min() and p.sum() <= 1 for p in scores.values())   # class probabilities
+    # class probabilities
+    assert all(len(p) == 6 and 0 <= p.min() and p.sum() <= 1 for p in scores.values())
 
 
 def test_results_are_the_top_k_track_category_pairs():
     one, two = np.zeros((4, 4), int), np.zeros((4, 4), int)
     one[0, :2], two[0, :2], two[3, 3] = 1, 1, 2
-    kept = [(0, one, {1: np.array([0.6, 0.2, 0.1])}),                 # object 1 on 2 frames: 0.6 / 0.3 / 0.1
+    # object 1 on 2 frames: 0.6 / 0.3 / 0.1
+    kept = [(0, one, {1: np.array([0.6, 0.2, 0.1])}),
             (1, two, {1: np.array([0.6, 0.4, 0.1]), 2: np.array([0.05, 0.15, 0.8])})]
     got = [(r["segmentations"][0] is not None, r["category_id"], round(r["score"], 6))
            for r in infer._results(kept, 2, 7, top_k=3)]
-    assert got == [(False, 3, 0.8), (True, 1, 0.6), (True, 2, 0.3)]    # Mask2Former-VIS: one track, several classes
-    assert len(infer._results(kept, 2, 7)) == 6                          # prompted: every object, every class kept
+    # Mask2Former-VIS: one track, several classes
+    assert got == [(False, 3, 0.8), (True, 1, 0.6), (True, 2, 0.3)]
+    assert len(infer._results(kept, 2, 7)) == 6  # prompted: every object, every class kept
 
 
 class RecordingSegmenter:
@@ -340,11 +372,14 @@ def test_tts_on_a_model_equals_a_plain_loop():
 
 
 def test_constant_memory_over_1000_frames():
-    def rss():
-        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2 ** 20   # MB resident now
+    def rss():  # MB resident now
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2 ** 20
+
+    def prompts(t, stem):  # every object of frame t's ground truth
+        return {k: gt(t) == k for k in np.unique(gt(t)) if k}
     name, T, hw, frame, gt = infer.open_video("synthetic", 1000, 32)
     seg, sizes = infer.Segmenter(tiny_model()), set()
-    for n, (t, *_) in enumerate(infer.segment(seg, T, frame, lambda t, s: {k: gt(t) == k for k in np.unique(gt(t)) if k})):
+    for n, (t, *_) in enumerate(infer.segment(seg, T, frame, prompts)):
         sizes.add(seg.state.nbytes())
         if n == 99:
             at_100 = rss()
@@ -354,10 +389,14 @@ def test_constant_memory_over_1000_frames():
 
 def test_cli_end_to_end(tmp_path, capsys):
     clip = data.heldout("synthetic", 1, 6, 48)[0]
-    for t, f in enumerate(clip.frames):                                 # a 40x48 video (not the model's 32x32)
-        Image.fromarray((f[:, :40].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / f"{t:05d}.jpg")
+    for t, f in enumerate(clip.frames):  # a 40x48 video (not the model's 32x32)
+        rgb = (f[:, :40].permute(1, 2, 0).numpy() * 255).astype(np.uint8)  # (40, 48, 3)
+        Image.fromarray(rgb).save(tmp_path / f"{t:05d}.jpg")
     ck = save_ckpt(tmp_path / "ck.pt", tiny_model(fg_bias=4.0))
-    infer.main(["--checkpoint", ck, "--video", str(tmp_path), "--out", str(tmp_path / "o"), "--mode", "unprompted",
+    infer.main(["--checkpoint", ck,
+                "--video", str(tmp_path),
+                "--out", str(tmp_path / "o"),
+                "--mode", "unprompted",
                 "--gif-frames", "4"])
     assert "frames/s" in capsys.readouterr().out
     pngs = sorted((tmp_path / "o" / tmp_path.name).glob("*.png"))
@@ -365,12 +404,16 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert all(data.read_palette_png(p).shape == (40, 48) for p in pngs)
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results and all(len(r["segmentations"]) == 6 for r in results)
-    for t, p in enumerate(pngs):        # every result's mask is one object of the PNGs (a track may score 2+ classes)
+    # every result's mask is one object of the PNGs (a track may score 2+ classes)
+    for t, p in enumerate(pngs):
         ids = data.read_palette_png(p)
-        for m in (infer._decode(r["segmentations"][t], 40, 48) > 0 for r in results if r["segmentations"][t]):
+        masks = (infer._decode(r["segmentations"][t], 40, 48) > 0
+                 for r in results if r["segmentations"][t])
+        for m in masks:
             k = np.unique(ids[m])
             assert len(k) == 1 and k[0] > 0 and (m == (ids == k[0])).all()
-    assert len(results) <= 10 and len({r["category_id"] for r in results}) > 1      # the top 10 (track, class) pairs
+    # the top 10 (track, class) pairs
+    assert len(results) <= 10 and len({r["category_id"] for r in results}) > 1
     assert self_ap(results, 6, 40, 48)["AP"] == pytest.approx(1.0)
     with Image.open(tmp_path / "o" / f"{tmp_path.name}.gif") as gif:
         assert gif.n_frames == 4 and gif.size == (48, 40)
@@ -378,21 +421,26 @@ def test_cli_end_to_end(tmp_path, capsys):
     prompt[5:20, 5:20], prompt[25:35, 30:45] = 3, 8
     data.write_palette_png(tmp_path / "prompt.png", prompt)
     (tmp_path / "gif").mkdir()
-    with Image.open(tmp_path / "o" / f"{tmp_path.name}.gif") as gif:                # an animated GIF as the video
+    # an animated GIF as the video
+    with Image.open(tmp_path / "o" / f"{tmp_path.name}.gif") as gif:
         gif.save(tmp_path / "gif" / "v.gif", save_all=True)
-    infer.main(["--checkpoint", ck, "--video", str(tmp_path / "gif" / "v.gif"), "--out", str(tmp_path / "p"),
-                "--prompt", str(tmp_path / "prompt.png"), "--tts"])
+    infer.main(["--checkpoint", ck,
+                "--video", str(tmp_path / "gif" / "v.gif"),
+                "--out", str(tmp_path / "p"),
+                "--prompt", str(tmp_path / "prompt.png"),
+                "--tts"])
     first = data.read_palette_png(tmp_path / "p" / "v" / "00000.png")
-    assert set(np.unique(first)) <= {0, 3, 8} and len(list((tmp_path / "p" / "v").glob("*.png"))) == 4
+    assert set(np.unique(first)) <= {0, 3, 8}
+    assert len(list((tmp_path / "p" / "v").glob("*.png"))) == 4
 
 
 def test_cli_without_arguments(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="runs/stage1/ckpt.pt.*python train.py --stage 1"):
-        infer.main([])                                                  # says which command to run first
+        infer.main([])  # says which command to run first
     (tmp_path / "runs" / "stage1").mkdir(parents=True)
     save_ckpt(tmp_path / "runs" / "stage1" / "ckpt.pt", tiny_model())
-    infer.main([])                                                      # a synthetic held-out video, prompted
+    infer.main([])  # a synthetic held-out video, prompted
     assert "synthetic-val-000: 16 frames" in capsys.readouterr().out
     assert len(list((tmp_path / "runs" / "infer" / "synthetic-val-000").glob("*.png"))) == 16
 
@@ -400,7 +448,9 @@ def test_cli_without_arguments(tmp_path, monkeypatch, capsys):
 def test_cli_bad_input_is_explained(tmp_path):
     ck = save_ckpt(tmp_path / "ck.pt", tiny_model())
     (tmp_path / "empty").mkdir()
-    run = lambda *a: infer.main(["--checkpoint", ck, "--out", str(tmp_path / "o"), *a])   # noqa: E731
+
+    def run(*a):
+        return infer.main(["--checkpoint", ck, "--out", str(tmp_path / "o"), *a])
     with pytest.raises(SystemExit, match="no .jpg/.jpeg/.png frames"):
         run("--video", str(tmp_path / "empty"))
     (tmp_path / "v").mkdir()
@@ -418,9 +468,11 @@ def test_cli_bad_input_is_explained(tmp_path):
         run("--video", str(tmp_path / "v"))
     data.write_palette_png(tmp_path / "p.png", np.arange(32 * 32).reshape(32, 32) % 20)
     with pytest.raises(SystemExit, match="N_id=16"):
-        run("--video", str(tmp_path / "v"), "--prompt", str(tmp_path / "p.png"), "--num-frames", "1")
+        run("--video", str(tmp_path / "v"),
+            "--prompt", str(tmp_path / "p.png"),
+            "--num-frames", "1")
     other = torch.load(ck, weights_only=False)
-    other["config"]["D"] = 32                                           # weights of D=64, config says D=32
+    other["config"]["D"] = 32  # weights of D=64, config says D=32
     torch.save(other, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="other.pt.*python train.py --stage 1"):
         infer.main(["--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "o")])
@@ -430,4 +482,5 @@ def test_cli_bad_input_is_explained(tmp_path):
 
 def test_heldout_scores_runs_both_protocols():
     s = infer.heldout_scores(tiny_model(), data.heldout("synthetic", 2, 4, 32))
-    assert set(s) == {"J&F", "J", "F", "AP", "AP50", "AR10"} and 0 <= s["J&F"] <= 1 and -1 <= s["AP"] <= 1
+    assert set(s) == {"J&F", "J", "F", "AP", "AP50", "AR10"}
+    assert 0 <= s["J&F"] <= 1 and -1 <= s["AP"] <= 1

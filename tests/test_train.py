@@ -1,5 +1,6 @@
 """Tests for train.py: matcher vs brute force, preprocess invariants, losses with known optima, the
-parallel == iterative equivalence, overfitting, resume, NaN, frozen backbone, and a 2-process DDP run."""
+parallel == iterative equivalence, overfitting, resume, NaN, frozen backbone, and a 2-process DDP
+run."""
 import itertools
 import math
 
@@ -24,7 +25,8 @@ def brute_force(C):
     return best
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 3), (5, 5), (6, 6), (2, 5), (5, 2), (3, 6), (6, 4), (1, 4), (4, 1)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3), (5, 5), (6, 6),
+                                   (2, 5), (5, 2), (3, 6), (6, 4), (1, 4), (4, 1)])
 def test_hungarian_matches_brute_force(shape):
     rng = np.random.default_rng(sum(shape))
     for trial in range(20):
@@ -69,17 +71,23 @@ class Cfg:
 
 
 def random_clip(g, n, T=5, H=16, W=16, dataset="synthetic", line=True):
-    """n objects, each on its own 4x4-aligned block, visible in a random run of frames (some never)."""
+    """n objects, each on its own 4x4-aligned block, visible in a random run of frames (some
+    never)."""
     masks = torch.zeros(n, T, H, W, dtype=torch.bool)
     for i in range(n):
         a = int(torch.randint(T, (1,), generator=g))
         b = int(torch.randint(a, T + 1, (1,), generator=g))
-        r, c = 4 * int(torch.randint(H // 4, (1,), generator=g)), 4 * int(torch.randint(W // 4, (1,), generator=g))
+        r = 4 * int(torch.randint(H // 4, (1,), generator=g))
+        c = 4 * int(torch.randint(W // 4, (1,), generator=g))
         masks[i, a:b, r:r + 4, c:c + 4] = True
         if line:
             masks[i, a:b, r, :] = True  # and a thin line, so downsampled targets are soft somewhere
-    return Clip(torch.rand(T, 3, H, W, generator=g), masks, torch.randint(0, 6, (n,), generator=g),
-                list(range(1, n + 1)), dataset, f"clip{n}")
+    return Clip(torch.rand(T, 3, H, W, generator=g),
+                masks,
+                torch.randint(0, 6, (n,), generator=g),
+                list(range(1, n + 1)),
+                dataset,
+                f"clip{n}")
 
 
 def test_preprocess_invariants():
@@ -88,25 +96,36 @@ def test_preprocess_invariants():
         clips = [random_clip(g, n) for n in (3, 0, 5)]
         batch = train.preprocess(clips, Cfg, g)
         T, N = 5, 5
-        ids, trk, det, vis, hist = batch["ids"], batch["tracked"], batch["det"], batch["visible"], batch["history"]
+        ids = batch["ids"]
+        trk = batch["tracked"]
+        det = batch["det"]
+        vis = batch["visible"]
+        hist = batch["history"]
         assert ids.shape == (3, N) and trk.shape == det.shape == vis.shape == (3, T, N)
         assert hist.shape == (3, T, N, 16, 16) and batch["targets"].shape == (3, T, N, 4, 4)
         for b, c in enumerate(clips):
             n = c.masks.shape[0]
             # |A| = |M|: one distinct ID row per ground-truth instance, padding slots -1
-            assert len(set(ids[b, :n].tolist())) == n and (ids[b, :n] >= 0).all() and (ids[b, n:] == -1).all()
+            assert len(set(ids[b, :n].tolist())) == n
+            assert (ids[b, :n] >= 0).all() and (ids[b, n:] == -1).all()
             assert not trk[b, :, n:].any() and not det[b, :, n:].any()
             for i in range(n):
                 seen = [t for t in range(T) if c.masks[i, t].any()]
                 for t in range(T):  # tensor index t = paper step t + 1
-                    assert not (trk[b, t, i] and det[b, t, i])  # a tracked instance is never a detection target
+                    # a tracked instance is never a detection target
+                    assert not (trk[b, t, i] and det[b, t, i])
                     assert vis[b, t, i] == bool(c.masks[i, t].any())
                     if vis[b, t, i]:
-                        assert trk[b, t, i] or det[b, t, i]  # together they cover every visible instance
+                        # together they cover every visible instance
+                        assert trk[b, t, i] or det[b, t, i]
                     if t and trk[b, t - 1, i]:
                         assert trk[b, t, i]  # tracked objects are never removed
-                    want = c.masks[i, max(t - 1, 0)].float() if trk[b, t, i] else torch.zeros(16, 16)
-                    assert torch.equal(hist[b, t, i], want)  # history = ground truth y_{t-1} (y_1 for the prompt)
+                    if trk[b, t, i]:
+                        want = c.masks[i, max(t - 1, 0)].float()
+                    else:
+                        want = torch.zeros(16, 16)
+                    # history = ground truth y_{t-1} (y_1 for the prompt)
+                    assert torch.equal(hist[b, t, i], want)
                 if trk[b, 0, i]:
                     assert seen and seen[0] == 0  # a prompt only for an object visible in frame 1
                 elif seen:
@@ -114,12 +133,14 @@ def test_preprocess_invariants():
                     assert det[b, seen[0], i]
                 else:
                     assert not trk[b, :, i].any()
-            pooled = c.masks.float().view(-1, T, 4, 4, 4, 4).mean((3, 5)).transpose(0, 1)  # (T, n, 4, 4)
+            blocks = c.masks.float().view(-1, T, 4, 4, 4, 4)  # (n, T, 4, 4, 4, 4)
+            pooled = blocks.mean((3, 5)).transpose(0, 1)  # (T, n, 4, 4)
             assert torch.allclose(batch["targets"][b, :, :n], pooled)
 
 
 def test_preprocess_switch_distribution():
-    """t_i uniform over visible frames; prompts (t_i = 0) on 1/4 of the synthetic objects in frame 1, never on YTVIS."""
+    """t_i uniform over visible frames; prompts (t_i = 0) on 1/4 of the synthetic objects in
+    frame 1, never on YTVIS."""
     g = torch.Generator().manual_seed(1)
     T = 4
     masks = torch.zeros(1, T, 8, 8, dtype=torch.bool)
@@ -128,7 +149,8 @@ def test_preprocess_switch_distribution():
     for ds in counts:
         clip = Clip(torch.rand(T, 3, 8, 8), masks, torch.tensor([2]), [1], ds, "x")
         for _ in range(4):
-            counts[ds] += torch.bincount(train.preprocess([clip] * 500, Cfg, g)["switch"][:, 0], minlength=T + 1)
+            switch = train.preprocess([clip] * 500, Cfg, g)["switch"]
+            counts[ds] += torch.bincount(switch[:, 0], minlength=T + 1)
     assert counts["ytvis19"][0] == 0
     assert torch.allclose(counts["ytvis19"][1:] / 2000, torch.full((T,), 0.25), atol=0.04)
     assert abs(counts["synthetic"][0] / 2000 - 0.25) < 0.04
@@ -157,10 +179,15 @@ def make_batch(seed=0, dataset="synthetic", line=False):
 def make_out(batch, P=2, Nd=5, K=6, perfect=True, L=20.0, seed=0):
     """Random logits; perfect=True overwrites every supervised query with the right answer."""
     g = torch.Generator().manual_seed(seed)
-    tgt, trk, vis, det, lab = batch["targets"], batch["tracked"], batch["visible"], batch["det"], batch["labels"]
+    tgt = batch["targets"]
+    trk = batch["tracked"]
+    vis = batch["visible"]
+    det = batch["det"]
+    lab = batch["labels"]
     B, T, N, h, w = tgt.shape
     Q = N + Nd
-    fg, cls = torch.randn(P, B, T, Q, generator=g), torch.randn(P, B, T, Q, K + 1, generator=g)
+    fg = torch.randn(P, B, T, Q, generator=g)
+    cls = torch.randn(P, B, T, Q, K + 1, generator=g)
     masks = 3 * torch.randn(P, B, T, Q, h, w, generator=g)
     if not perfect:
         return {"fg": fg, "cls": cls, "masks": masks}
@@ -176,7 +203,8 @@ def make_out(batch, P=2, Nd=5, K=6, perfect=True, L=20.0, seed=0):
             for i in range(N):
                 if trk[b, t, i]:
                     put(b, t, i, i if vis[b, t, i] else None)
-                    masks[:, b, t, i] = L * (2 * tgt[b, t, i] - 1)  # absent: no object with an empty mask
+                    # absent: no object with an empty mask
+                    masks[:, b, t, i] = L * (2 * tgt[b, t, i] - 1)
             targets = det[b, t].nonzero()[:, 0].tolist()[::-1]  # any order: matching finds it
             for j in range(Nd):
                 put(b, t, N + j, targets[j] if j < len(targets) else None)
@@ -186,7 +214,8 @@ def make_out(batch, P=2, Nd=5, K=6, perfect=True, L=20.0, seed=0):
 def test_criterion_perfect_prediction_is_near_zero():
     batch = make_batch()
     loss, parts = train.criterion(make_out(batch), batch)
-    assert loss.item() < 1e-4 and set(parts) == {"trk_cls", "trk_bce", "trk_dice", "det_cls", "det_bce", "det_dice"}
+    names = {"trk_cls", "trk_bce", "trk_dice", "det_cls", "det_bce", "det_dice"}
+    assert loss.item() < 1e-4 and set(parts) == names
     loss_rand, _ = train.criterion(make_out(batch, perfect=False), batch)
     assert loss_rand.item() > 10
 
@@ -208,19 +237,27 @@ def test_criterion_absent_tracked_object_needs_an_empty_mask():
 
 
 def test_criterion_zero_logits_hand_computed():
-    """All logits 0: CE = log 2 (+ log(K+1) with classes), BCE = log 2, Dice = 1 - (|g| + 1) / (hw/2 + |g| + 1)."""
+    """All logits 0: CE = log 2 (+ log(K+1) with classes), BCE = log 2,
+    Dice = 1 - (|g| + 1) / (hw/2 + |g| + 1)."""
     batch = make_batch(seed=3, line=True)
     P, K = 3, 6
     tgt, trk, vis, det = batch["targets"], batch["tracked"], batch["visible"], batch["det"]
     B, T, N, h, w = tgt.shape
+
+    def dice(sel):  # the mean Dice loss of all-zero logits over the selected (b, t, n)
+        losses = []
+        for b, t, n in sel.nonzero().tolist():
+            g = tgt[b, t, n].sum().item()
+            losses.append(1 - (g + 1) / (h * w / 2 + g + 1))
+        return np.mean(losses)
     for cls in (True, False):
-        out = {"fg": torch.zeros(P, B, T, N + 5), "cls": torch.zeros(P, B, T, N + 5, K + 1) if cls else None,
+        out = {"fg": torch.zeros(P, B, T, N + 5),
+               "cls": torch.zeros(P, B, T, N + 5, K + 1) if cls else None,
                "masks": torch.zeros(P, B, T, N + 5, h, w)}
         loss, parts = train.criterion(out, batch)
         ce = math.log(2) + (math.log(K + 1) if cls else 0)
-        dice = lambda sel: np.mean([1 - (tgt[b, t, n].sum().item() + 1) / (h * w / 2 + tgt[b, t, n].sum().item() + 1)
-                                    for b, t, n in sel.nonzero().tolist()])
-        want = {"trk_cls": 2 * ce, "trk_bce": 5 * math.log(2), "trk_dice": 5 * dice(trk),  # absent: empty target
+        # trk_dice: an absent tracked object has an empty target
+        want = {"trk_cls": 2 * ce, "trk_bce": 5 * math.log(2), "trk_dice": 5 * dice(trk),
                 "det_cls": 2 * ce, "det_bce": 5 * math.log(2), "det_dice": 5 * dice(det)}
         for k in want:
             assert parts[k] == pytest.approx(P * want[k], rel=1e-5), k
@@ -256,12 +293,18 @@ def test_criterion_detection_order_does_not_matter_and_deep_supervision_sums():
     batch = make_batch(seed=1)
     N = batch["ids"].shape[1]
     out = make_out(batch, perfect=False, seed=2)
-    perm = torch.cat([torch.arange(N), N + torch.randperm(5, generator=torch.Generator().manual_seed(0))])
-    swapped = {"fg": out["fg"][..., perm], "cls": out["cls"][..., perm, :], "masks": out["masks"][..., perm, :, :]}
+    det_perm = torch.randperm(5, generator=torch.Generator().manual_seed(0))
+    perm = torch.cat([torch.arange(N), N + det_perm])
+    swapped = {"fg": out["fg"][..., perm],
+               "cls": out["cls"][..., perm, :],
+               "masks": out["masks"][..., perm, :, :]}
     loss, _ = train.criterion(out, batch)
     loss_swapped, _ = train.criterion(swapped, batch)
     assert loss_swapped.item() == pytest.approx(loss.item(), rel=1e-6)
-    per_p = [train.criterion({k: v[p:p + 1] for k, v in out.items()}, batch)[0].item() for p in range(2)]
+    per_p = []
+    for p in range(2):
+        out_p = {k: v[p:p + 1] for k, v in out.items()}
+        per_p.append(train.criterion(out_p, batch)[0].item())
     assert loss.item() == pytest.approx(sum(per_p), rel=1e-6)
     # the tracking loss uses the fixed mapping: swapping two tracking queries changes the loss
     perm = torch.cat([torch.tensor([1, 0]), torch.arange(2, N + 5)])
@@ -269,10 +312,11 @@ def test_criterion_detection_order_does_not_matter_and_deep_supervision_sums():
     assert abs(loss_trk_swapped.item() - loss.item()) > 1e-3
 
 
-# ----------------------------------------------------------------------------- the model, both forms
+# ---------------------------------------------------------------------------- the model, both forms
 def small_cfg(**kw):
     import ausm
-    base = dict(image_size=32, D=32, N_det=6, N_id=16, L_c=1, L_h=1, L_p=2, heads=2, ffn=64, width=16)
+    base = dict(image_size=32, D=32, N_det=6, N_id=16, L_c=1, L_h=1, L_p=2,
+                heads=2, ffn=64, width=16)
     base.update(kw)
     return ausm.Config.tiny(**base)
 
@@ -304,7 +348,8 @@ REAL_STEP, REAL_FORWARD = train.train_step, train.forward
 
 
 def run_main(argv, monkeypatch, fail_at=None, nan_at=None):
-    """train.main on a tiny model at 32x32; records the loss of every step; can crash or give nan at a step."""
+    """train.main on a tiny model at 32x32; records the loss of every step; can crash or give nan at
+    a step."""
     losses = []
 
     def step(*a, **k):
@@ -315,10 +360,12 @@ def run_main(argv, monkeypatch, fail_at=None, nan_at=None):
 
     def forward(*a, **k):  # a diverged model: nan logits
         out = REAL_FORWARD(*a, **k)
-        return {k: v * float("nan") if nan_at == len(losses) + 1 and v is not None else v for k, v in out.items()}
+        diverged = nan_at == len(losses) + 1
+        return {k: v * float("nan") if diverged and v is not None else v for k, v in out.items()}
     monkeypatch.setattr(train, "train_step", step)
     monkeypatch.setattr(train, "forward", forward)
-    rc = train.main(argv + ["--size", "32", "--batch-size", "2", "--no-eval", "--log-every", "1"], **SMALL)
+    common = ["--size", "32", "--batch-size", "2", "--no-eval", "--log-every", "1"]
+    rc = train.main(argv + common, **SMALL)
     return rc, losses
 
 
@@ -327,7 +374,8 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch, 
     rc, full = run_main(args + ["--out", str(tmp_path / "a")], monkeypatch)
     assert rc == 0 and len(full) == 6
     with pytest.raises(RuntimeError, match="killed"):
-        run_main(args + ["--out", str(tmp_path / "b")], monkeypatch, fail_at=5)  # dies after the step-3 checkpoint
+        # dies after the step-3 checkpoint
+        run_main(args + ["--out", str(tmp_path / "b")], monkeypatch, fail_at=5)
     ck = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
     assert ck["step"] == 3 and {"model", "optimizer", "config", "rng", "stage"} <= set(ck)
     assert not (tmp_path / "b" / "ckpt.pt.tmp").exists()
@@ -338,7 +386,8 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch, 
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    rc, losses = run_main(["--max-iters", "8", "--ckpt-every", "2", "--out", str(tmp_path)], monkeypatch, nan_at=4)
+    args = ["--max-iters", "8", "--ckpt-every", "2", "--out", str(tmp_path)]
+    rc, losses = run_main(args, monkeypatch, nan_at=4)
     assert rc == 1 and len(losses) == 4 and not np.isfinite(losses[-1])
     out = capsys.readouterr().out
     assert "step 4: loss is nan" in out and "(step 2)" in out
@@ -347,14 +396,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 def test_stage3_freezes_the_backbone(tmp_path, monkeypatch):
     run_main(["--max-iters", "1", "--out", str(tmp_path / "s1")], monkeypatch)
-    rc, _ = run_main(["--stage", "3", "--frames", "3", "--max-iters", "2", "--init", str(tmp_path / "s1" / "ckpt.pt"),
+    rc, _ = run_main(["--stage", "3", "--frames", "3", "--max-iters", "2",
+                      "--init", str(tmp_path / "s1" / "ckpt.pt"),
                       "--out", str(tmp_path / "s3")], monkeypatch)
     assert rc == 0
     before = torch.load(tmp_path / "s1" / "ckpt.pt", weights_only=False)["model"]
     after = torch.load(tmp_path / "s3" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
-    moved = [k for k in before if not k.startswith("backbone.") and not torch.equal(before[k], after[k])]
-    assert any(k.startswith("compressor.") for k in moved) and any(k.startswith("pixel_decoder.") for k in moved)
+    rest = [k for k in before if not k.startswith("backbone.")]
+    moved = [k for k in rest if not torch.equal(before[k], after[k])]
+    assert any(k.startswith("compressor.") for k in moved)
+    assert any(k.startswith("pixel_decoder.") for k in moved)
 
 
 def test_overfitting_one_clip():
@@ -381,7 +433,9 @@ def _ddp_worker(rank, world, port, batches, init, out):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # (Adam's first steps hide a gradient scale)
     h = batches[0]["ids"].shape[0] // world
     for batch in batches:  # this rank's shard: samples rank*h .. (rank+1)*h - 1
-        train.train_step(net, opt, {k: v[rank * h:(rank + 1) * h] if torch.is_tensor(v) else v for k, v in batch.items()})
+        shard = {k: v[rank * h:(rank + 1) * h] if torch.is_tensor(v) else v
+                 for k, v in batch.items()}
+        train.train_step(net, opt, shard)
     torch.save(model.state_dict(), out / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -399,12 +453,15 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
     torch.manual_seed(0)
     init = ausm.AUSM(small_cfg()).state_dict()
     g = torch.Generator().manual_seed(7)
-    batches = [train.preprocess([random_clip(g, n, T=3, H=32, W=32) for n in (2, 3, 1, 2)], small_cfg(), g)
-               for _ in range(2)]
+    batches = []
+    for _ in range(2):
+        clips = [random_clip(g, n, T=3, H=32, W=32) for n in (2, 3, 1, 2)]
+        batches.append(train.preprocess(clips, small_cfg(), g))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, batches, init, tmp_path), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, batches, init, tmp_path),
+                                nprocs=2, join=True)
     model = _model_from(init)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for batch in batches:
@@ -419,12 +476,14 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
 def test_torchrun_cli_two_processes(tmp_path):
     import subprocess
     import sys
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--max-iters", "2",
-           "--size", "32", "--batch-size", "1", "--no-eval", "--log-every", "1", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train.py", "--max-iters", "2", "--size", "32", "--batch-size", "1", "--no-eval",
+           "--log-every", "1", "--out", str(tmp_path)]
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "x 2 |" in res.stdout and res.stdout.count("step      2 | loss") == 1  # rank 0 alone logs
+    # rank 0 alone logs
+    assert "x 2 |" in res.stdout and res.stdout.count("step      2 | loss") == 1
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
 
 
@@ -437,8 +496,14 @@ def test_end_of_run_evaluation_hook_writes_eval_json(tmp_path, monkeypatch, caps
     import sys
     from types import SimpleNamespace
     seen = []
-    fake = SimpleNamespace(evaluate_heldout=lambda model, cfg: seen.append(cfg.image_size) or {"J&F": 0.5, "AP": 0.25})
+
+    def evaluate_heldout(model, cfg):
+        seen.append(cfg.image_size)
+        return {"J&F": 0.5, "AP": 0.25}
+    fake = SimpleNamespace(evaluate_heldout=evaluate_heldout)
     monkeypatch.setitem(sys.modules, "infer", fake)
-    assert train.evaluate(None, small_cfg(), str(tmp_path)) == {"J&F": 0.5, "AP": 0.25} and seen == [32]
-    assert __import__("json").loads((tmp_path / "eval.json").read_text()) == {"J&F": 0.5, "AP": 0.25}
+    metrics = train.evaluate(None, small_cfg(), str(tmp_path))
+    assert metrics == {"J&F": 0.5, "AP": 0.25} and seen == [32]
+    written = __import__("json").loads((tmp_path / "eval.json").read_text())
+    assert written == {"J&F": 0.5, "AP": 0.25}
     assert "J&F 0.500 | AP 0.250" in capsys.readouterr().out
