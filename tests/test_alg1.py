@@ -2,7 +2,6 @@
 streaming Segmenter's allocation and history replayed through the parallel AUSM.forward, each rule
 of Alg. 1 / App. A / Sec. 3.4 that the Segmenter follows, test-time scaling of images, and the
 CLI's handling of hostile or unusual input. Untrained tiny models; each test takes seconds."""
-import dataclasses
 import json
 import os
 import warnings
@@ -16,23 +15,9 @@ from PIL import Image
 import ausm
 import data
 import infer
+from test_infer import save_ckpt, tiny_model  # the same untrained tiny model and checkpoint writer
 
 torch.set_num_threads(1)  # the shared 2-core box
-
-
-def tiny_model(fg_bias=None, **cfg):
-    """An untrained tiny AUSM at 32x32 (N_id = N_det = 16); fg_bias: every query's fg logit bias."""
-    torch.manual_seed(0)
-    model = ausm.AUSM(ausm.Config.tiny(**{"image_size": 32, **cfg})).eval()
-    if fg_bias is not None:
-        with torch.no_grad():
-            model.pixel_decoder.fg.bias.fill_(fg_bias)
-    return model
-
-
-def save_ckpt(path, model):
-    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.cfg)}, path)
-    return str(path)
 
 
 def record(model):
