@@ -25,8 +25,6 @@ extract frames); results.json is held in memory.
 import argparse
 import json
 import os
-import pickle
-import re
 import resource
 import shutil
 import sys
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ausm
+import train  # train.load_checkpoint: the one checkpoint reader
 import data
 from data import (VOC_PALETTE, _read_image, frame_size, heldout, natural_key, polygons_to_mask,
                   read_palette_png, rle_area, rle_counts, rle_decode, rle_encode, write_palette_png)
@@ -799,25 +798,15 @@ def real_heldout_scores(model, spec):
     return side
 
 def load_model(path, device="cpu"):
-    """A train.py checkpoint -> AUSM in eval mode, built from the Config stored in it. Checkpoints
-    are data: weights_only=True refuses pickled code, so a hostile file runs nothing."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; train one with this code: "
-                                "python train.py --stage 1")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refused a function or class, or garbage
-        what = re.findall(r"GLOBAL ([\w.]+)", str(e))  # e.g. ["builtins.exec"]
-        why = f"it calls {what[0]} while loading" if what else "it cannot be unpickled"
-        raise ValueError(f"checkpoint {path}: refused, {why} (checkpoints are data: tensors, "
-                         "numbers, strings, lists, dicts); train one with this code: "
-                         "python train.py --stage 1") from None
+    """A train.py checkpoint -> AUSM in eval mode, built from the Config stored in it. Read by
+    train.load_checkpoint: weights_only=True refuses pickled code, so a hostile file runs nothing."""
+    checkpoint = train.load_checkpoint(path, flag="--checkpoint")
     try:
         model = ausm.AUSM(ausm.Config(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
-    except Exception as e:  # code in the pickle, not a checkpoint, or weights of another Config
+    except Exception as e:  # weights of another Config, or a config this code does not know
         why = " ".join(f"{type(e).__name__}: {e}".split())[:120]
-        raise ValueError(f"checkpoint {path} is not a plain train.py checkpoint ({why}); train one "
+        raise ValueError(f"checkpoint {path} does not fit this code's model ({why}); train one "
                          "with this code: python train.py --stage 1") from None
     return model.to(device).eval()
 

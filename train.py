@@ -403,11 +403,14 @@ def _remove_stale_tmp(path):
 def load_checkpoint(path, flag="--init"):
     """A train.py checkpoint read as data (weights_only=True): a pickle that would run code, or
     anything that is not a checkpoint, is refused with the file's name. flag: how the user named
-    it."""
+    it (--init, --resume; --checkpoint for infer.load_model, the one other reader)."""
     if not os.path.isfile(path):
         if flag == "--resume":
             raise FileNotFoundError(f"--resume: no checkpoint {path}; run without --resume to "
                                     f"start, or pass the --out of the run to continue")
+        if flag == "--checkpoint":  # infer.py
+            raise FileNotFoundError(f"checkpoint {path} not found; train one with this code: "
+                                    "python train.py --stage 1")
         raise FileNotFoundError(f"checkpoint {path} not found: for --stage 2 / 3 train the "
                                 f"previous stage first (python train.py --stage 1) or pass --init "
                                 f"CKPT; --resume reads <--out>/ckpt.pt")
