@@ -8,7 +8,8 @@ detections, unfiltered (Alg. 1 l.15-19). App. A's top-k cuts only what is output
 `segment` runs x1 / x2 / x3 passes back and forth and keeps the last T steps, results from those
 only; `image_views` makes an image a pseudo-video (Table 3). The CLI writes palette PNGs, a
 YouTube-VIS results.json and an overlay GIF, each whole or not at all.
-Differs: frames are resized to the square image_size (masks back); a later prompt joins like a
+Differs: frames keep their aspect ratio at the model's size (data.frame_size: short side
+image_size; masks and outputs back at the frame's size); a later prompt joins like a
 detection and is its frame's output and M_t; unprompted, a tracked object is output while its fg
 prob >= threshold; results.json lists a video's top-k (track, category) pairs (Mask2Former-VIS);
 a full ID buffer warns once; the image's views (four 90% corner crops between its visits) are our
@@ -18,6 +19,7 @@ davis2017-evaluation's semi-supervised protocol (first and last frame not scored
 id of the first ground-truth frame, object-weighted; the sequences are the ground truth's, or
 ImageSets/2017/val.txt's); video AP/AR as the YouTube-VIS cocoapi fork. Input they cannot score is
 refused, naming the sequence or result (unlike the fork, a result of an unknown category_id too).
+`--eval davis` prints the copy-the-first-mask J&F beside the model's (our baseline for real video).
 Left out: OVIS occlusion buckets, YouTube-VOS G (needs the server's seen/unseen lists), DAVIS void
 pixels (255 = background), the unsupervised DAVIS protocol, box/point prompts, video files (.mp4:
 extract frames); results.json is held in memory.
