@@ -142,14 +142,16 @@ def main(argv=None):
     t0 = time.perf_counter()
     rows = []
     tests = [sys.executable, "-m", "pytest", "-q", "tests/test_kernels.py"]
-    run(tests, 120, rows, "tests/test_kernels.py on CUDA")
+    run(tests, 180, rows, "tests/test_kernels.py on CUDA")
     scan_bandwidth(rows)
     bench = run([sys.executable, "train.py", "--benchmark", "--device", "cuda"], 150, rows,
                 "train.py --benchmark --device cuda")
     for T, speedup in re.findall(r"^(\d+) \| [\d.]+ \| [\d.]+ \| ([\d.]+x)$", bench, re.M):
         rows.append((f"Fig. 4: parallel vs iterative training at T = {T}", speedup))
     paper_iterations(rows, args.iters)
-    print(f"\n| {name}, torch {torch.__version__} | result |\n|---|---|")
+    import triton
+    versions = f"torch {torch.__version__}, triton {triton.__version__}"
+    print(f"\n| {name}, {versions} | result |\n|---|---|")
     for label, value in rows:
         print(f"| {label} | {value} |")
     print(f"\n(gpu_check: {time.perf_counter() - t0:.0f} s)")
