@@ -46,6 +46,8 @@ SYNTHETIC_CATEGORIES = ("circle", "square", "triangle", "star", "ring", "cross")
 _TRAIN = 1     # first word of every synthetic training seed,
 _HELDOUT = 2   # and of every held-out one: the two sets of keys can never coincide
 _MIX = 3       # first word of the seed that picks each mixed batch's dataset (see batches)
+DRIFT_TURN = 24  # a synthetic object's drift turns back every this many frames (clips of <= 24
+# frames, every one that training and the 16-frame held-out set use, are as before)
 
 @dataclass
 class Clip:
@@ -293,14 +295,17 @@ def _shape(cat, u, v):
     return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))  # cross
 
 def _path(rng, k, T, size, pos, r, ang):
-    """A moving object's path over T frames: (x, y) (T, 2), scale (T,), angle (T,), alive (T,)."""
+    """A moving object's path over T frames: (x, y) (T, 2), scale (T,), angle (T,), alive (T,).
+    The steady drift turns back every DRIFT_TURN frames, so that a long video keeps its objects
+    near the frame (they still swing out and back) instead of drifting away for good."""
     t = np.arange(T)
     wide = rng.random() < 0.3  # a wide swing: leaves and comes back
     amp = rng.uniform(*((0.5, 0.7) if wide else (0.02, 0.15)), 2) * size
     w = rng.uniform(0.15, 0.45)
     ph = rng.uniform(0, 2 * math.pi, 2)
     drift = rng.normal(0, 0.01, 2) * size
-    xy = pos + drift * t[:, None] + amp * (np.sin(w * t[:, None] + ph) - np.sin(ph))   # (T, 2)
+    travel = np.abs((t + DRIFT_TURN) % (2 * DRIFT_TURN) - DRIFT_TURN)  # t, then back and forth
+    xy = pos + drift * travel[:, None] + amp * (np.sin(w * t[:, None] + ph) - np.sin(ph))  # (T, 2)
     freq = rng.uniform(0.1, 0.3)
     phase = rng.uniform(0, 2 * math.pi)
     scale = r * (1 + 0.25 * np.sin(freq * t + phase))                                   # (T,)

@@ -20,6 +20,9 @@ id of the first ground-truth frame, object-weighted; the sequences are the groun
 ImageSets/2017/val.txt's); video AP/AR as the YouTube-VIS cocoapi fork. Input they cannot score is
 refused, naming the sequence or result (unlike the fork, a result of an unknown category_id too).
 `--eval davis` prints the copy-the-first-mask J&F beside the model's (our baseline for real video).
+Ours, for long videos: `matched_ids` / `identity_counts` (the id that covers each true object per
+frame at IoU >= 0.5; ID switches; re-identification of objects that leave the frame and return);
+`--eval long` runs the held-out synthetic videos at 16, 64 and 256 frames (HELDOUT_VIDEOS each).
 Left out: OVIS occlusion buckets, YouTube-VOS G (needs the server's seen/unseen lists), DAVIS void
 pixels (255 = background), the unsupervised DAVIS protocol, box/point prompts, video files (.mp4:
 extract frames); results.json is held in memory.
@@ -701,10 +704,62 @@ def _ground_truth(clip, video_id):  # a data.Clip as YouTube-VIS annotations (la
                      "segmentations": segs})
     return anns
 
+def matched_ids(gt, pred, iou=0.5):
+    """Which predicted id covers each ground-truth object on each frame: gt (n, T, H, W) bool
+    masks, pred (T, H, W) id maps -> (n, T) int64: the id whose mask has the highest IoU with the
+    object's, if that IoU >= iou; 0: none does; -1: the object is not in the frame."""
+    n, T = gt.shape[:2]
+    out = np.full((n, T), -1, dtype=np.int64)                                          # (n, T)
+    for t in range(T):
+        ids = np.asarray(pred[t]).ravel()                                               # (H*W,)
+        areas = np.bincount(ids, minlength=1)                                           # (K,)
+        for i in range(n):
+            inside = np.asarray(gt[i, t]).ravel()                                       # (H*W,)
+            if not inside.any():
+                continue
+            inter = np.bincount(ids[inside], minlength=len(areas))                      # (K,)
+            union = inside.sum() + areas - inter                                        # (K,)
+            ious = inter / union
+            ious[0] = 0  # background is no id
+            best = int(ious.argmax())
+            out[i, t] = best if ious[best] >= iou else 0
+    return out
+
+def identity_counts(matched):
+    """Track identity of (n, T) matched_ids -> (objects, switched, returns, reidentified).
+    switched: objects covered by more than one predicted id over the video (ID switches).
+    returns: the times an object leaves the frame (absent >= 1 frame) and comes back, having had
+    an id when it left; reidentified: those where the first id that covers it again is that id."""
+    switched = 0
+    returns = 0
+    reidentified = 0
+    for row in matched:                                                                 # (T,)
+        switched += len(set(row[row > 0].tolist())) > 1
+        visible = np.flatnonzero(row >= 0)
+        if len(visible) == 0:
+            continue
+        starts = visible[np.flatnonzero(np.diff(visible) > 1) + 1]  # first frame of each return
+        for start in starts:
+            before = row[:start][row[:start] > 0]
+            after = row[start:][row[start:] > 0]
+            if len(before) == 0:
+                continue
+            returns += 1
+            reidentified += bool(len(after)) and after[0] == before[-1]
+    return len(matched), switched, returns, reidentified
+
+def _share(part, whole):  # a fraction, NaN when there is nothing to count
+    return part / whole if whole else float("nan")
+
 def heldout_scores(model, clips, dataset="synthetic", top_k=10, threshold=0.5, tts=False, seed=0):
     """Prompted J&F (frame 0's objects given, DAVIS protocol), unprompted video AP (YouTube-VIS) of
-    data.Clip's; video v's Sampler is seeded by sampler_seed(seed, v)."""
+    data.Clip's, and track identity: "switches" (share of objects covered by > 1 id, unprompted),
+    "reid" / "reid_prompted" (share of returns after leaving the frame that come back under their
+    own id), "full" (videos whose ID buffer filled, unprompted). Video v's Sampler is seeded by
+    sampler_seed(seed, v)."""
     sequences, videos, annotations, results = [], [], [], []
+    counts = np.zeros((2, 4), dtype=np.int64)  # prompted, unprompted: identity_counts summed
+    full = 0
     for v, clip in enumerate(clips, 1):
         T = len(clip.frames)
         first = clip.masks[clip.masks[:, 0].flatten(1).any(1)]  # (n, T, H, W): frame 0's objects
@@ -716,10 +771,17 @@ def heldout_scores(model, clips, dataset="synthetic", top_k=10, threshold=0.5, t
         options = dict(top_k=top_k, threshold=threshold, seed=sampler_seed(seed, v))
         seg = Segmenter(model, "prompted", dataset, **options)
         pred = sorted(segment(seg, T, frame, prompts, tts), key=lambda out: out[0])
-        sequences.append((clip.name, gt, np.stack([out[3] for out in pred])))
+        pred = np.stack([out[3] for out in pred])  # (T, H, W)
+        sequences.append((clip.name, gt, pred))
+        counts[0] += identity_counts(matched_ids(first.numpy(), pred))
         seg = Segmenter(model, "unprompted", dataset, **options)
-        kept = ((t, ids, scores) for t, _, _, ids, scores in segment(seg, T, frame, tts=tts))
+        with warnings.catch_warnings():  # a full ID buffer is counted in "full" instead
+            warnings.simplefilter("ignore")
+            kept = [(t, ids, scores) for t, _, _, ids, scores in segment(seg, T, frame, tts=tts)]
         results += _results(kept, T, v, top_k)
+        ids = np.stack([ids for _, ids, _ in sorted(kept, key=lambda out: out[0])])  # (T, H, W)
+        counts[1] += identity_counts(matched_ids(clip.masks.numpy(), ids))
+        full += seg.warned_full
         videos.append({"id": v, "height": clip.frames.shape[2], "width": clip.frames.shape[3],
                        "length": T})
         annotations += _ground_truth(clip, v)
@@ -729,10 +791,37 @@ def heldout_scores(model, clips, dataset="synthetic", top_k=10, threshold=0.5, t
     ap = ytvis_ap(gt, results)
     jf = davis_scores(sequences)
     return {"J&F": jf["J&F-Mean"], "J": jf["J-Mean"], "F": jf["F-Mean"], "AP": ap["AP"],
-            "AP50": ap["AP50"], "AR10": ap["AR10"]}
+            "AP50": ap["AP50"], "AR10": ap["AR10"], "switches": _share(counts[1, 1], counts[1, 0]),
+            "reid": _share(counts[1, 3], counts[1, 2]),
+            "reid_prompted": _share(counts[0, 3], counts[0, 2]), "returns": int(counts[1, 2]),
+            "full": full}
 
-def evaluate_heldout(model, cfg):  # train.py's end-of-run hook
-    return heldout_scores(model.eval(), heldout("synthetic", size=cfg.image_size))
+HELDOUT_VIDEOS = 32  # held-out synthetic videos per evaluation (issue 17: 8 moved 0.07 by threads)
+LENGTHS = (16, 64, 256)  # --eval long: frames per held-out video
+
+def evaluate_heldout(model, cfg, n=HELDOUT_VIDEOS):  # train.py's end-of-run hook
+    return heldout_scores(model.eval(), heldout("synthetic", n, size=cfg.image_size))
+
+def long_video_scores(model, lengths=LENGTHS, n=HELDOUT_VIDEOS, seed=0):
+    """--eval long: the same n held-out synthetic videos at each length -> {T: heldout_scores},
+    a row printed as each length finishes."""
+    print(f"{n} held-out synthetic videos per length (seed {seed})")
+    print(LENGTH_HEADER, flush=True)
+    rows = {}
+    for T in lengths:
+        t0 = time.time()
+        clips = heldout("synthetic", n, T, model.cfg.image_size)
+        rows[T] = heldout_scores(model.eval(), clips, seed=seed)
+        print(length_row(T, rows[T], time.time() - t0), flush=True)
+    return rows
+
+LENGTH_HEADER = ("frames | prompted J&F | unprompted AP | ID switches | re-id unprompted | "
+                 "re-id prompted | returns | buffer full | seconds")
+
+def length_row(T, s, seconds):
+    """One line of the length table (the README's format)."""
+    return (f"{T} | {s['J&F']:.3f} | {s['AP']:.3f} | {s['switches']:.3f} | {s['reid']:.3f} | "
+            f"{s['reid_prompted']:.3f} | {s['returns']} | {s['full']} | {seconds:.0f}")
 
 def copy_first_mask(gt):
     """The copy-the-first-mask baseline: frame 0's ground truth (void 255 -> background) as the
@@ -801,7 +890,8 @@ def real_heldout_scores(model, spec):
 
 def load_model(path, device="cpu"):
     """A train.py checkpoint -> AUSM in eval mode, built from the Config stored in it. Read by
-    train.load_checkpoint: weights_only=True refuses pickled code, so a hostile file runs nothing."""
+    train.load_checkpoint: weights_only=True refuses pickled code, so a hostile file runs
+    nothing."""
     checkpoint = train.load_checkpoint(path, flag="--checkpoint")
     try:
         model = ausm.AUSM(ausm.Config(**checkpoint["config"]))
@@ -822,6 +912,18 @@ def _check_args(args):  # before anything is read or written
         raise ValueError(f"--gif-frames {args.gif_frames}: give 0 (no GIF) or more")
     if not 0 <= args.threshold <= 1:
         raise ValueError(f"--threshold {args.threshold}: a foreground probability, from 0 to 1")
+
+def _count(flag, n):  # a whole number >= 1 given to flag
+    if n < 1:
+        raise ValueError(f"{flag} {n}: give a whole number >= 1")
+    return n
+
+def _lengths(text):  # --lengths "16,64,256" -> (16, 64, 256)
+    parts = text.split(",")
+    if not all(p.strip().isdigit() and int(p) >= 2 for p in parts):
+        raise ValueError(f"--lengths {text}: give frame counts >= 2 separated by commas, e.g. "
+                         "16,64,256")
+    return tuple(int(p) for p in parts)
 
 def _dataset(model, name):  # --dataset: one of the checkpoint's class heads (None: its first)
     known = [n for n, _ in model.cfg.class_heads]
@@ -899,12 +1001,18 @@ def _write_outputs(out, name, T, outputs, args):
                        duration=100, loop=0)
         _replace(out / f".{name}.tmp.gif", out / f"{name}.gif")
 
+def _checkpoint_path(args):  # --checkpoint, else the last default run's: stage 3, 2, then 1
+    if args.checkpoint:
+        return args.checkpoint
+    for stage in (3, 2):
+        if Path(f"runs/stage{stage}/ckpt.pt").is_file():
+            return f"runs/stage{stage}/ckpt.pt"
+    return "runs/stage1/ckpt.pt"
+
 def run(args):  # writes <out>/<video>/<frame>.png, <out>/results.json, <out>/<video>.gif
     _check_args(args)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    default = Path("runs/stage2/ckpt.pt")
-    model = load_model(args.checkpoint or (default if default.is_file() else "runs/stage1/ckpt.pt"),
-                       dev)
+    model = load_model(_checkpoint_path(args), dev)
     dataset = _dataset(model, args.dataset)
     name, T, hw, frame, gt = open_video(args.video, args.num_frames, model.cfg.image_size)
     prompts = _prompt_reader(args, hw, gt)
@@ -1031,10 +1139,17 @@ def evaluate(kind, pred, gt):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="AUSM inference and benchmark scoring (paper Sec. 3).")
-    ap.add_argument("--eval", choices=("davis", "ytvis"), help="score predictions: J&F or AP/AR")
+    ap.add_argument("--eval", choices=("davis", "ytvis", "long"), help="score predictions: J&F "
+                    "or AP/AR; long: run the checkpoint on held-out synthetic videos of each "
+                    "--lengths and print the length table (J&F, AP, ID switches, re-id)")
+    ap.add_argument("--lengths", default="16,64,256", help="--eval long: frames per video, "
+                    "comma-separated")
+    ap.add_argument("--num-videos", type=int, default=HELDOUT_VIDEOS, help="--eval long: "
+                    "held-out videos per length")
     ap.add_argument("--pred", help="davis: folder of <sequence>/<frame>.png; ytvis: results.json")
     ap.add_argument("--gt", help="davis: e.g. DAVIS/Annotations/480p; ytvis: the annotations JSON")
-    ap.add_argument("--checkpoint", help="default runs/stage2/ckpt.pt, else runs/stage1/ckpt.pt")
+    ap.add_argument("--checkpoint", help="default runs/stage3/ckpt.pt, else stage2's, else "
+                    "stage1's")
     ap.add_argument("--video", default="synthetic", help="folder of JPEG/PNG frames, GIF, image")
     ap.add_argument("--out", default="runs/infer", help="<out>/<video>/*.png, results.json, GIF")
     ap.add_argument("--prompt", help="frame 0's palette PNG, or a folder of <frame>.png")
@@ -1055,6 +1170,10 @@ def main(argv=None):
         if args.eval == "davis" and args.gt and args.checkpoint and not args.pred:
             # run the checkpoint on --gt's validation split (a DAVIS root), copy baseline beside
             return real_heldout_scores(load_model(args.checkpoint), f"davis:{args.gt}")
+        if args.eval == "long":
+            lengths = _lengths(args.lengths)
+            n = _count("--num-videos", args.num_videos)
+            return long_video_scores(load_model(_checkpoint_path(args)), lengths, n, args.seed)
         if args.eval and not (args.pred and args.gt):
             ap.error(f"--eval {args.eval} needs both --pred and --gt (davis: or --checkpoint and "
                      f"--gt DAVIS_ROOT to run the model on its validation split)")

@@ -456,9 +456,11 @@ def evaluate(model, cfg, out_dir=None, real=None):
     """
     import infer
     with torch.no_grad():
-        scores = infer.evaluate_heldout(model, cfg)  # {"J&F", "J", "F", "AP", "AP50", "AR10"}
-    line = " | ".join(f"{k} {v:.3f}" for k, v in scores.items())
-    print(f"heldout synthetic | {line}", flush=True)
+        scores = infer.evaluate_heldout(model, cfg)  # {"J&F", "J", "F", "AP", ..., "full"}
+    line = " | ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float))
+    counts = " | ".join(f"{k} {v}" for k, v in scores.items() if isinstance(v, int))
+    n = infer.HELDOUT_VIDEOS
+    print(f"heldout synthetic ({n} videos of 16 frames) | {line} | {counts}", flush=True)
     if real:
         with torch.no_grad():
             scores["real"] = infer.real_heldout_scores(model, real)  # {"model": .., "copy": ..}

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -482,5 +483,70 @@ def test_cli_bad_input_is_explained(tmp_path):
 
 def test_heldout_scores_runs_both_protocols():
     s = infer.heldout_scores(tiny_model(), data.heldout("synthetic", 2, 4, 32))
-    assert set(s) == {"J&F", "J", "F", "AP", "AP50", "AR10"}
+    identity = {"switches", "reid", "reid_prompted", "returns", "full"}
+    assert set(s) == {"J&F", "J", "F", "AP", "AP50", "AR10"} | identity
     assert 0 <= s["J&F"] <= 1 and -1 <= s["AP"] <= 1
+    # an untrained model whose detection queries all fire fills its ID buffer (16) in 2 frames
+    s = infer.heldout_scores(tiny_model(fg_bias=10.0), data.heldout("synthetic", 2, 3, 32))
+    assert s["full"] == 2
+
+
+def _object(T, frames, box):
+    """A (T, 8, 8) bool mask: box (y0, y1, x0, x1) on the listed frames, empty elsewhere."""
+    m = np.zeros((T, 8, 8), bool)
+    y0, y1, x0, x1 = box
+    for t in frames:
+        m[t, y0:y1, x0:x1] = True
+    return m
+
+
+def test_matched_ids_takes_the_best_id_above_the_iou_threshold():
+    gt = np.stack([_object(3, [0, 1], (0, 4, 0, 4)), _object(3, [0, 1, 2], (4, 8, 4, 8))])
+    pred = np.zeros((3, 8, 8), np.int64)
+    pred[0, 0:4, 0:4] = 7   # object 0 exactly
+    pred[0, 4:8, 4:8] = 3   # object 1 exactly
+    pred[1, 0:4, 0:2] = 5   # half of object 0: IoU 0.5, matched
+    pred[1, 0:4, 2:4] = 6   # the other half: IoU 0.5 too, the first best (5) wins
+    pred[1, 4:5, 4:8] = 3   # a quarter of object 1: IoU 0.25, unmatched
+    pred[2, 4:8, 4:8] = 3
+    assert infer.matched_ids(gt, pred).tolist() == [[7, 5, -1], [3, 0, 3]]
+
+
+def test_identity_counts_switches_returns_and_reidentification():
+    rows = np.array([[1, 1, -1, -1, 1, 1],     # leaves, comes back as itself: re-identified
+                     [2, 2, -1, 4, 4, 2],      # comes back as 4: a return missed, a switch
+                     [0, -1, 3, 3, -1, 0],     # leaves unmatched (no own id: not counted), then
+                     # leaves as 3 and is not matched again: a return missed
+                     [-1, -1, 5, 5, 5, 5],     # appears mid-video: not a return
+                     [6, -1, 0, 0, 6, -1]])    # back under 6 after two unmatched frames
+    objects, switched, returns, reidentified = infer.identity_counts(rows)
+    assert (objects, switched, returns, reidentified) == (5, 1, 4, 2)
+
+
+def test_eval_long_prints_the_length_table(tmp_path, capsys):
+    torch.manual_seed(0)
+    ck = tmp_path / "ck.pt"
+    cfg = ausm.Config.tiny(image_size=32)
+    torch.save({"config": dataclasses.asdict(cfg), "model": ausm.AUSM(cfg).state_dict()}, ck)
+    rows = infer.main(["--eval", "long", "--checkpoint", str(ck), "--lengths", "3,5",
+                       "--num-videos", "2"])
+    assert sorted(rows) == [3, 5]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == infer.LENGTH_HEADER
+    assert [line.split(" | ")[0] for line in lines[2:4]] == ["3", "5"]
+    for bad, message in (("16,x", "--lengths 16,x"), ("1", "--lengths 1")):
+        with pytest.raises(SystemExit, match=message):
+            infer.main(["--eval", "long", "--checkpoint", str(ck), "--lengths", bad])
+    with pytest.raises(SystemExit, match="--num-videos 0"):
+        infer.main(["--eval", "long", "--checkpoint", str(ck), "--num-videos", "0"])
+
+
+def test_default_checkpoint_is_the_last_stage_trained(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = SimpleNamespace(checkpoint=None)
+    assert infer._checkpoint_path(args) == "runs/stage1/ckpt.pt"  # none yet: stage 1's, named
+    for stage in (2, 3):
+        (tmp_path / f"runs/stage{stage}").mkdir(parents=True)
+        (tmp_path / f"runs/stage{stage}/ckpt.pt").write_bytes(b"")
+        assert infer._checkpoint_path(args) == f"runs/stage{stage}/ckpt.pt"
+    assert infer._checkpoint_path(SimpleNamespace(checkpoint="x.pt")) == "x.pt"
