@@ -11,7 +11,9 @@ What differs: nothing can be downloaded, so the default is a procedural world ("
   textured background and 1-5 objects of 6 shape categories in distinct striped colours. Stage 1
   makes pseudo-videos of a still scene as above; stages 2/3 get videos where objects move, scale and
   rotate along smooth paths, occlude each other (depth order), leave the frame and come back, and
-  appear mid-video, over a panning background (square frames of `size`). Real frames keep their
+  appear mid-video, over a panning background (square frames of `size`); a steady drift turns back
+  every DRIFT_TURN frames so that long videos keep their objects, and stage 3's clips draw more wide
+  swings (STAGE3_WIDE_SHARE) to teach finding an object again. Real frames keep their
   aspect ratio as the paper's do (frame_size: short side `size`, long side a multiple of 8);
   training takes a size x size crop of them (one crop size per batch), evaluation the whole frame.
   Decoded real frames are cached at that size (CACHE_FRAMES). `batches` mixes two specs
@@ -46,6 +48,7 @@ SYNTHETIC_CATEGORIES = ("circle", "square", "triangle", "star", "ring", "cross")
 _TRAIN = 1     # first word of every synthetic training seed,
 _HELDOUT = 2   # and of every held-out one: the two sets of keys can never coincide
 _MIX = 3       # first word of the seed that picks each mixed batch's dataset (see batches)
+STAGE3_WIDE_SHARE = 0.6  # share of stage-3 objects that swing out of the frame and back (else 0.3)
 DRIFT_TURN = 24  # a synthetic object's drift turns back every this many frames (clips of <= 24
 # frames, every one that training and the 16-frame held-out set use, are as before)
 
@@ -294,12 +297,12 @@ def _shape(cat, u, v):
         return (r2 <= 1) & (r2 >= 0.3)
     return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))  # cross
 
-def _path(rng, k, T, size, pos, r, ang):
+def _path(rng, k, T, size, pos, r, ang, wide_share=0.3):
     """A moving object's path over T frames: (x, y) (T, 2), scale (T,), angle (T,), alive (T,).
     The steady drift turns back every DRIFT_TURN frames, so that a long video keeps its objects
     near the frame (they still swing out and back) instead of drifting away for good."""
     t = np.arange(T)
-    wide = rng.random() < 0.3  # a wide swing: leaves and comes back
+    wide = rng.random() < wide_share  # a wide swing: leaves and comes back
     amp = rng.uniform(*((0.5, 0.7) if wide else (0.02, 0.15)), 2) * size
     w = rng.uniform(0.15, 0.45)
     ph = rng.uniform(0, 2 * math.pi, 2)
@@ -315,7 +318,7 @@ def _path(rng, k, T, size, pos, r, ang):
         alive = t >= rng.integers(1, T // 2 + 1)               # appears mid-video
     return xy, scale, angle, alive
 
-def _sample_objects(rng, n, T, size, moving):
+def _sample_objects(rng, n, T, size, moving, wide_share=0.3):
     """Per object: category, colour, texture and its path over T frames (x, y, scale, angle,
     visible)."""
     # well-separated hues
@@ -330,7 +333,7 @@ def _sample_objects(rng, n, T, size, moving):
         r = rng.uniform(0.07, 0.16) * size
         ang = rng.uniform(0, 2 * math.pi)
         if moving:
-            xy, scale, angle, alive = _path(rng, k, T, size, pos, r, ang)
+            xy, scale, angle, alive = _path(rng, k, T, size, pos, r, ang, wide_share)
         else:
             xy = np.tile(pos, (T, 1))
             scale = np.full(T, r)
@@ -420,7 +423,8 @@ def synthetic_clip(key, stage=2, T=16, size=128, name="synthetic"):
     n = int(rng.integers(1, 6))
     still = stage == 1
     T_scene = 1 if still else T
-    objs = _sample_objects(rng, n, T_scene, size, moving=not still)
+    wide_share = STAGE3_WIDE_SHARE if stage == 3 else 0.3
+    objs = _sample_objects(rng, n, T_scene, size, not still, wide_share)
     frames, idmap = _render(objs, _background(rng, T_scene, size, moving=not still))
     ids = torch.arange(1, n + 1)
     masks = idmap[None] == ids[:, None, None, None]                     # (n, T', S, S)

@@ -499,11 +499,22 @@ def test_end_of_run_evaluation_hook_writes_eval_json(tmp_path, monkeypatch, caps
 
     def evaluate_heldout(model, cfg):
         seen.append(cfg.image_size)
-        return {"J&F": 0.5, "AP": 0.25}
-    fake = SimpleNamespace(evaluate_heldout=evaluate_heldout)
+        return {"J&F": 0.5, "AP": 0.25, "full": 1}
+    fake = SimpleNamespace(evaluate_heldout=evaluate_heldout, HELDOUT_VIDEOS=32)
     monkeypatch.setitem(sys.modules, "infer", fake)
     metrics = train.evaluate(None, small_cfg(), str(tmp_path))
-    assert metrics == {"J&F": 0.5, "AP": 0.25} and seen == [32]
+    assert metrics == {"J&F": 0.5, "AP": 0.25, "full": 1} and seen == [32]
     written = __import__("json").loads((tmp_path / "eval.json").read_text())
-    assert written == {"J&F": 0.5, "AP": 0.25}
-    assert "J&F 0.500 | AP 0.250" in capsys.readouterr().out
+    assert written == {"J&F": 0.5, "AP": 0.25, "full": 1}
+    assert "(32 videos of 16 frames) | J&F 0.500 | AP 0.250 | full 1" in capsys.readouterr().out
+
+
+def test_tiny_stage3_defaults_long_clips_and_its_own_time_limit():
+    """Issue 17: tiny stage 3 is 300 iterations of 24-frame clips within 15 minutes; stages 1 and 2
+    keep 13; --time-limit still overrides; the paper preset has none."""
+    s1 = train.parse_args(["--stage", "1"])
+    s3 = train.parse_args(["--stage", "3"])
+    assert (s1.time_limit, s1.frames) == (13.0, 3)
+    assert (s3.time_limit, s3.frames, s3.max_iters) == (15.0, 24, 300)
+    assert train.parse_args(["--stage", "3", "--time-limit", "2"]).time_limit == 2.0
+    assert train.parse_args(["--stage", "3", "--preset", "paper"]).time_limit == 0.0
