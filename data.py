@@ -48,7 +48,8 @@ SYNTHETIC_CATEGORIES = ("circle", "square", "triangle", "star", "ring", "cross")
 _TRAIN = 1     # first word of every synthetic training seed,
 _HELDOUT = 2   # and of every held-out one: the two sets of keys can never coincide
 _MIX = 3       # first word of the seed that picks each mixed batch's dataset (see batches)
-STAGE3_WIDE_SHARE = 0.6  # share of stage-3 objects that swing out of the frame and back (else 0.3)
+WIDE_SHARE = 0.3  # share of synthetic objects that swing out of the frame and back
+STAGE3_WIDE_SHARE = 0.6  # the same share in stage 3's clips (long-video adaptation)
 DRIFT_TURN = 24  # a synthetic object's drift turns back every this many frames (clips of <= 24
 # frames, every one that training and the 16-frame held-out set use, are as before)
 
@@ -297,7 +298,7 @@ def _shape(cat, u, v):
         return (r2 <= 1) & (r2 >= 0.3)
     return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))  # cross
 
-def _path(rng, k, T, size, pos, r, ang, wide_share=0.3):
+def _path(rng, k, T, size, pos, r, ang, wide_share=WIDE_SHARE):
     """A moving object's path over T frames: (x, y) (T, 2), scale (T,), angle (T,), alive (T,).
     The steady drift turns back every DRIFT_TURN frames, so that a long video keeps its objects
     near the frame (they still swing out and back) instead of drifting away for good."""
@@ -318,7 +319,7 @@ def _path(rng, k, T, size, pos, r, ang, wide_share=0.3):
         alive = t >= rng.integers(1, T // 2 + 1)               # appears mid-video
     return xy, scale, angle, alive
 
-def _sample_objects(rng, n, T, size, moving, wide_share=0.3):
+def _sample_objects(rng, n, T, size, moving, wide_share=WIDE_SHARE):
     """Per object: category, colour, texture and its path over T frames (x, y, scale, angle,
     visible)."""
     # well-separated hues
@@ -423,7 +424,7 @@ def synthetic_clip(key, stage=2, T=16, size=128, name="synthetic"):
     n = int(rng.integers(1, 6))
     still = stage == 1
     T_scene = 1 if still else T
-    wide_share = STAGE3_WIDE_SHARE if stage == 3 else 0.3
+    wide_share = STAGE3_WIDE_SHARE if stage == 3 else WIDE_SHARE
     objs = _sample_objects(rng, n, T_scene, size, not still, wide_share)
     frames, idmap = _render(objs, _background(rng, T_scene, size, moving=not still))
     ids = torch.arange(1, n + 1)

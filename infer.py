@@ -904,7 +904,8 @@ def load_model(path, device="cpu"):
 
 # ------------------------------------------------------------------- The inference command line
 def _check_args(args):  # before anything is read or written
-    counts = (("--num-frames", args.num_frames), ("--top-k", args.top_k), ("--tts", args.tts))
+    counts = (("--num-frames", args.num_frames), ("--top-k", args.top_k), ("--tts", args.tts),
+              ("--num-videos", args.num_videos))
     for flag, n in counts:
         if n is not None and n < 1:
             raise ValueError(f"{flag} {n}: give a whole number >= 1")
@@ -912,11 +913,6 @@ def _check_args(args):  # before anything is read or written
         raise ValueError(f"--gif-frames {args.gif_frames}: give 0 (no GIF) or more")
     if not 0 <= args.threshold <= 1:
         raise ValueError(f"--threshold {args.threshold}: a foreground probability, from 0 to 1")
-
-def _count(flag, n):  # a whole number >= 1 given to flag
-    if n < 1:
-        raise ValueError(f"{flag} {n}: give a whole number >= 1")
-    return n
 
 def _lengths(text):  # --lengths "16,64,256" -> (16, 64, 256)
     parts = text.split(",")
@@ -1171,9 +1167,10 @@ def main(argv=None):
             # run the checkpoint on --gt's validation split (a DAVIS root), copy baseline beside
             return real_heldout_scores(load_model(args.checkpoint), f"davis:{args.gt}")
         if args.eval == "long":
+            _check_args(args)
             lengths = _lengths(args.lengths)
-            n = _count("--num-videos", args.num_videos)
-            return long_video_scores(load_model(_checkpoint_path(args)), lengths, n, args.seed)
+            model = load_model(_checkpoint_path(args))
+            return long_video_scores(model, lengths, args.num_videos, args.seed)
         if args.eval and not (args.pred and args.gt):
             ap.error(f"--eval {args.eval} needs both --pred and --gt (davis: or --checkpoint and "
                      f"--gt DAVIS_ROOT to run the model on its validation split)")
