@@ -15,7 +15,10 @@ What differs: nothing can be downloaded, so the default is a procedural world ("
   every DRIFT_TURN frames so that long videos keep their objects, and stage 3's clips draw more wide
   swings (STAGE3_WIDE_SHARE) to teach finding an object again. Real frames keep their
   aspect ratio as the paper's do (frame_size: short side `size`, long side a multiple of 8);
-  training takes a size x size crop of them (one crop size per batch), evaluation the whole frame.
+  training, like evaluation, takes whole frames (one frame size per batch: fit_batch crops a batch
+  of mixed sizes to its smallest); a real training clip (stages 2/3) is seen by a moving random
+  camera (clip_views: zoom, rotation, shift interpolated over the clip, mirrored, or played
+  backwards), so that a few real videos give many different clips.
   Decoded real frames are cached at that size (CACHE_FRAMES). `batches` mixes two specs
   (synthetic,davis:DIR) batch by batch. Real formats (PAPER.md Sec. 8) are read with numpy + PIL
   (RLE, polygons as pycocotools, bit for bit); `python data.py --write davis:DIR` writes the
@@ -48,8 +51,10 @@ SYNTHETIC_CATEGORIES = ("circle", "square", "triangle", "star", "ring", "cross")
 _TRAIN = 1     # first word of every synthetic training seed,
 _HELDOUT = 2   # and of every held-out one: the two sets of keys can never coincide
 _MIX = 3       # first word of the seed that picks each mixed batch's dataset (see batches)
+_CROP = 4      # and of the one that places fit_batch's crops
 WIDE_SHARE = 0.3  # share of synthetic objects that swing out of the frame and back
 STAGE3_WIDE_SHARE = 0.6  # the same share in stage 3's clips (long-video adaptation)
+AUGMENT_CLIPS = True  # real training clips (stages 2/3) through clip_views: a moving random view
 DRIFT_TURN = 24  # a synthetic object's drift turns back every this many frames (clips of <= 24
 # frames, every one that training and the 16-frame held-out set use, are as before)
 
@@ -395,26 +400,55 @@ def _render(objs, bg):
         idmap[inside] = k + 1
     return img.clamp(0, 1), idmap
 
-def pseudo_video(image, masks, T, size, rng):
-    """Stage 1 (VITA-style): T random zoom / crop / flip / rotation views of image (3, H, W) and
-    masks (N, H, W) -> (T, 3, size, size), (N, T, size, size). One grid per view samples both, so
-    masks stay on their pixels."""
-    z = rng.uniform(0.8, 1.5, T)  # zoom (< 1 shows a black border)
-    rot = np.deg2rad(rng.uniform(-12, 12, T))
-    flip = np.where(rng.random(T) < 0.5, -1.0, 1.0)
-    # crop offset, stays in the image
-    tx, ty = rng.uniform(-1, 1, (2, T)) * np.maximum(1 - 1 / z, 0)
+def _views(frames, masks, z, rot, flip, tx, ty, hw):
+    """Frame t of frames (T, 3, H, W) and masks (N, T, H, W) seen through one affine view: zoom z[t]
+    (< 1 shows a black border), rotation rot[t] (radians), flip[t] (-1 mirrors), shift (tx[t],
+    ty[t]) in half-frames -> (T, 3, h, w), bool (N, T, h, w) for hw = (h, w). One grid per view
+    samples frame and masks, so masks stay on their pixels."""
+    T = len(z)
     c = np.cos(rot) / z
     s = np.sin(rot) / z
     # (T, 2, 3)
     theta = np.stack([np.stack([c * flip, -s, tx], -1), np.stack([s * flip, c, ty], -1)], 1)
     theta = torch.tensor(theta, dtype=torch.float32)
-    grid = F.affine_grid(theta, [T, 3, size, size], align_corners=False)              # (T, s, s, 2)
-    views = image[None].expand(T, -1, -1, -1)  # (T, 3, H, W)
-    frames = F.grid_sample(views, grid, mode="bilinear", align_corners=False)  # (T, 3, s, s)
-    mask_views = masks[None].float().expand(T, -1, -1, -1)  # (T, N, H, W)
-    m = F.grid_sample(mask_views, grid, mode="nearest", align_corners=False)  # (T, N, s, s)
-    return frames.clamp(0, 1), m.transpose(0, 1) > 0.5                  # (T, 3, s, s), (N, T, s, s)
+    grid = F.affine_grid(theta, [T, 3, hw[0], hw[1]], align_corners=False)           # (T, h, w, 2)
+    out = F.grid_sample(frames, grid, mode="bilinear", align_corners=False)    # (T, 3, h, w)
+    mask_views = masks.float().transpose(0, 1)  # (T, N, H, W)
+    m = F.grid_sample(mask_views, grid, mode="nearest", align_corners=False)  # (T, N, h, w)
+    return out.clamp(0, 1), m.transpose(0, 1) > 0.5                     # (T, 3, h, w), (N, T, h, w)
+
+def pseudo_video(image, masks, T, size, rng):
+    """Stage 1 (VITA-style): T random zoom / crop / flip / rotation views of image (3, H, W) and
+    masks (N, H, W) -> (T, 3, size, size), (N, T, size, size)."""
+    return _still_views(image, masks, T, (size, size), rng)
+
+def _still_views(image, masks, T, hw, rng):
+    """pseudo_video at any output size hw = (h, w): (T, 3, h, w), (N, T, h, w)."""
+    z = rng.uniform(0.8, 1.5, T)  # zoom (< 1 shows a black border)
+    rot = np.deg2rad(rng.uniform(-12, 12, T))
+    flip = np.where(rng.random(T) < 0.5, -1.0, 1.0)
+    # crop offset, stays in the image
+    tx, ty = rng.uniform(-1, 1, (2, T)) * np.maximum(1 - 1 / z, 0)
+    frames = image[None].expand(T, -1, -1, -1)                                    # (T, 3, H, W)
+    return _views(frames, masks[:, None].expand(-1, T, -1, -1), z, rot, flip, tx, ty, hw)
+
+def clip_views(frames, masks, rng):
+    """Stages 2/3 on real video: a (T, 3, h, w) clip and its masks (N, T, h, w) seen by a camera
+    that moves from one random view at frame 0 to another at frame T-1 (zoom, rotation and shift
+    interpolated), mirrored or not as a whole, and played backwards half the time. A few real
+    videos then give many different clips (measured in README "Real video")."""
+    T = len(frames)
+    w = np.linspace(0, 1, T)                                                      # (T,)
+    z = np.interp(w, [0, 1], rng.uniform(0.9, 1.4, 2))  # zoom at the two ends
+    rot = np.deg2rad(np.interp(w, [0, 1], rng.uniform(-8, 8, 2)))
+    flip = np.where(rng.random() < 0.5, -1.0, 1.0) * np.ones(T)  # the whole clip or none of it
+    room = np.maximum(1 - 1 / z, 0)                                               # (T,)
+    tx = np.interp(w, [0, 1], rng.uniform(-1, 1, 2)) * room
+    ty = np.interp(w, [0, 1], rng.uniform(-1, 1, 2)) * room
+    if rng.random() < 0.5:
+        frames = frames.flip(0)
+        masks = masks.flip(1)
+    return _views(frames, masks, z, rot, flip, tx, ty, frames.shape[-2:])
 
 def synthetic_clip(key, stage=2, T=16, size=128, name="synthetic"):
     """One synthetic clip, a pure function of `key` (a tuple of ints). stage 1: pseudo-video of a
@@ -725,47 +759,57 @@ def _crop_offset(masks, length, size, rng):
     center = int(fg[int(rng.integers(len(fg)))])
     return min(max(center - size // 2, 0), length - size)
 
-def _square_crop(frames, masks, size, rng):
-    """Training: one crop size per batch. A (T', 3, h', w') clip at frame_size (short side = size)
-    -> its size x size crop along the long side (aspect kept, nothing squashed)."""
-    h, w = frames.shape[-2:]
-    if h == w:
-        return frames, masks
-    if w > h:
-        x0 = _crop_offset(masks.any(2), w, size, rng)                            # masks (N, T', w)
-        return frames[..., x0:x0 + size], masks[..., x0:x0 + size]
-    y0 = _crop_offset(masks.any(3), h, size, rng)                                # masks (N, T', h)
-    return frames[..., y0:y0 + size, :], masks[..., y0:y0 + size, :]
+def _crop(frames, masks, h, w, rng):
+    """The (h, w) window of a clip's frames (T', 3, H, W) and masks (N, T', H, W), around a random
+    first-frame object along each axis that is longer than the window."""
+    H, W = frames.shape[-2:]
+    y0 = _crop_offset(masks.any(3), H, h, rng)                                   # masks (N, T', H)
+    x0 = _crop_offset(masks.any(2), W, w, rng)                                   # masks (N, T', W)
+    return frames[..., y0:y0 + h, x0:x0 + w], masks[..., y0:y0 + h, x0:x0 + w]
 
-def _read_clip(video, ts, size, T=None, rng=None, crop=False):
-    """Frames `ts` of `video` as a Clip at frame_size (short side `size`, aspect kept); crop (needs
-    rng): its size x size crop (training); with rng and one frame: a T-frame pseudo-video of the
-    crop (stage 1)."""
+def _visible(frames, masks, labels, ids, dataset, name):
+    """A Clip of the objects that show in at least one of its frames."""
+    keep = masks.flatten(1).any(1)                                                 # (N,)
+    kept_ids = [k for k, m in zip(ids, keep) if m]
+    return Clip(frames.contiguous(), masks[keep].contiguous(), labels[keep], kept_ids, dataset,
+                name)
+
+def fit_batch(clips, rng):
+    """Training: one frame size per batch. Clips of one size (DAVIS's frames are all 128 x 224 at
+    size 128) are left whole, so training sees the frames as inference does; clips of different
+    sizes (aspect ratios) are cropped to the batch's smallest height and width, each around a
+    random first-frame object."""
+    h = min(c.frames.shape[-2] for c in clips)
+    w = min(c.frames.shape[-1] for c in clips)
+    if all(c.frames.shape[-2:] == (h, w) for c in clips):
+        return clips
+    fitted = []
+    for c in clips:
+        frames, masks = _crop(c.frames, c.masks, h, w, rng)          # (T', 3, h, w), (N, T', h, w)
+        fitted.append(_visible(frames, masks, c.labels, c.ids, c.dataset, c.name))
+    return fitted
+
+def _read_clip(video, ts, size, T=None, rng=None):
+    """Frames `ts` of `video` as a Clip at frame_size (short side `size`, aspect kept); with rng, T
+    and one frame: a T-frame pseudo-video of it (stage 1, stills)."""
     imgs, anns = _read_frames(video, ts, size)
     ids = sorted(set().union(*anns))
     frames = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255    # (T', 3, h, w)
     none = np.zeros(imgs[0].shape[:2], bool)
     masks = np.array([[a.get(k, none) for a in anns] for k in ids], bool)          # (N, T', h, w)
     masks = torch.from_numpy(masks).reshape(len(ids), len(ts), *none.shape)       # (N, T', h, w)
-    if crop:
-        frames, masks = _square_crop(frames, masks, size, rng)      # (T', 3, s, s), (N, T', s, s)
     if rng is not None and T is not None and len(ts) == 1:
-        if not crop:
-            frames, masks = _square_crop(frames, masks, size, rng)  # pseudo_video needs a square
-        # (T, 3, s, s), (N, T, s, s)
-        frames, masks = pseudo_video(frames[0], masks[:, 0], T, size, rng)
-    keep = masks.flatten(1).any(1)                                                 # (N,)
+        # (T, 3, h, w), (N, T, h, w)
+        frames, masks = _still_views(frames[0], masks[:, 0], T, none.shape, rng)
     labels = torch.tensor([video.labels.get(k, -1) for k in ids], dtype=torch.long)
-    kept_ids = [k for k, m in zip(ids, keep) if m]
-    return Clip(frames.contiguous(), masks[keep].contiguous(), labels[keep], kept_ids,
-                video.dataset, video.name)
+    return _visible(frames, masks, labels, ids, video.dataset, video.name)
 
 def _sample_clip(video, T, size, rng, stage, max_stride=3):
-    """T frames in order with a random stride in [1, max_stride]; stage 1 or a still: one frame, T
-    views."""
+    """T frames in order with a random stride in [1, max_stride], seen by clip_views
+    (AUGMENT_CLIPS); stage 1 or a still: one frame, T views."""
     L = len(video.frames)
     if stage == 1 or L == 1:
-        return _read_clip(video, [int(rng.integers(L))], size, T, rng, crop=True)
+        return _read_clip(video, [int(rng.integers(L))], size, T, rng)
     if L < T:
         # short video: repeat frames in order
         ts = np.linspace(0, L - 1, T).round().astype(int).tolist()
@@ -774,7 +818,11 @@ def _sample_clip(video, T, size, rng, stage, max_stride=3):
         stride = int(rng.integers(1, max(1, longest) + 1))
         start = int(rng.integers(0, L - (T - 1) * stride))
         ts = list(range(start, start + (T - 1) * stride + 1, stride))
-    return _read_clip(video, ts, size, rng=rng, crop=True)
+    clip = _read_clip(video, ts, size)
+    if not AUGMENT_CLIPS:
+        return clip
+    frames, masks = clip_views(clip.frames, clip.masks, rng)    # (T, 3, h, w), (N, T, h, w)
+    return _visible(frames, masks, clip.labels, clip.ids, clip.dataset, clip.name)
 
 # ----------------------------------------------------------------------------- the two entry points
 def train_stream(spec="synthetic", stage=1, T=3, size=128, seed=0, rank=0, world=1):
@@ -811,13 +859,14 @@ def batches(spec="synthetic", batch_size=4, mix=0.5, stage=1, T=3, size=128, see
         raise ValueError(f"--data {spec}: at most two dataset specs joined by a comma, e.g. "
                          f"synthetic,davis:DIR (with --mix, the second's share of batches)")
     streams = [train_stream(sp, stage, T, size, seed, rank, world) for sp in specs]
+    crops = np.random.default_rng([_CROP, seed, rank])
     if len(streams) == 1:
         while True:
-            yield [next(streams[0]) for _ in range(batch_size)]
+            yield fit_batch([next(streams[0]) for _ in range(batch_size)], crops)
     coin = np.random.default_rng([_MIX, seed])
     while True:
         second = bool(coin.random() < mix)
-        yield [next(streams[int(second)]) for _ in range(batch_size)]
+        yield fit_batch([next(streams[int(second)]) for _ in range(batch_size)], crops)
 
 def heldout(spec="synthetic", n=8, T=16, size=128):
     """The fixed evaluation set: n clips of T frames (T=None: whole videos). Synthetic: moving

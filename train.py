@@ -836,6 +836,7 @@ def benchmark(model, opt, cfg, args, device):
         stream = data.train_stream(args.data.split(",")[0], 2, T, args.size, args.seed)
         gen = torch.Generator().manual_seed(T)
         clips = [next(stream) for _ in range(args.batch_size)]
+        clips = data.fit_batch(clips, np.random.default_rng(T))  # one frame size
         batch = to_device(preprocess(clips, cfg, gen), device)
         sec = []
         for iterative in (True, False):

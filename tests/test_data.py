@@ -229,6 +229,37 @@ def test_pseudo_video_keeps_masks_on_their_pixels():
         assert all((c - cols[0]).abs().max() < 0.12 for c in cols)
 
 
+def test_clip_views_move_frames_and_masks_together():
+    """A red box moves right over grey frames whose level codes the frame number (0.1 + 0.15 t):
+    each view keeps the box on its mask, and the clip plays forwards or backwards as a whole."""
+    T = 5
+    red = torch.tensor([1.0, 0, 0])
+    frames = torch.zeros(T, 3, 48, 48)
+    masks = torch.zeros(1, T, 48, 48, dtype=torch.bool)
+    for t in range(T):
+        frames[t] = 0.1 + 0.15 * t
+        masks[0, t, 16:32, 4 + 6 * t:20 + 6 * t] = True
+        frames[t][:, masks[0, t]] = red[:, None]
+    orders = set()
+    for seed in range(16):
+        out, m = data.clip_views(frames, masks, np.random.default_rng(seed))
+        assert out.shape == frames.shape and m.shape == masks.shape
+        levels = []
+        for t in range(T):
+            inner = _erode(m[0, t])
+            if inner.any():
+                assert (out[t][:, inner] - red[:, None]).abs().max() < 1e-4, (seed, t)
+            pure = (out[t] - red[:, None, None]).abs().max(0).values < 1e-4
+            assert not (pure & ~m[0, t]).any(), (seed, t)
+            grey = (out[t].max(0).values - out[t].min(0).values < 1e-4) & (out[t][0] > 0.05)
+            levels.append(round(float(out[t][0][grey].median()), 2))
+        forwards = levels == [round(0.1 + 0.15 * t, 2) for t in range(T)]
+        backwards = levels == [round(0.1 + 0.15 * t, 2) for t in reversed(range(T))]
+        assert forwards or backwards, (seed, levels)
+        orders.add(forwards)
+    assert orders == {True, False}
+
+
 def test_synthetic_generation_speed():
     import time
     torch.set_num_threads(1)
@@ -298,6 +329,12 @@ def davis(tmp_path):
     return root
 
 
+@pytest.fixture
+def unaugmented(monkeypatch):
+    """Real training clips as read, without clip_views (the reader tests compare pixels)."""
+    monkeypatch.setattr(data, "AUGMENT_CLIPS", False)
+
+
 def _check_clip_against_boxes(clip, first, box_of=None):
     """Each mask equals its object's box in the frames after its first appearance (frame read off
     the pixels)."""
@@ -311,7 +348,7 @@ def _check_clip_against_boxes(clip, first, box_of=None):
     return ts
 
 
-def test_davis_reader(davis):
+def test_davis_reader(davis, unaugmented):
     stream = data.train_stream(f"davis:{davis}", stage=2, T=3, size=S, seed=0)
     strides = set()
     for _ in range(6):
@@ -357,7 +394,7 @@ def _ytvos(root, split, present, masked=None, ids_override=None, listed=None):
     (d / "meta.json").write_text(json.dumps({"videos": {"v1": {"objects": objs}}}))
 
 
-def test_ytvos_reader_sparse_validation(tmp_path):
+def test_ytvos_reader_sparse_validation(tmp_path, unaugmented):
     root = tmp_path / "ytvos"
     _ytvos(root, "train", {1: 0, 2: 2})
     # frame 2 holds only the new object
@@ -420,7 +457,7 @@ def _vis_json(tmp_path, seg1=None):
 
 
 @pytest.mark.parametrize("name", ["ytvis19", "ytvis21", "ovis"])
-def test_ytvis_reader(tmp_path, name):
+def test_ytvis_reader(tmp_path, name, unaugmented):
     js, img = _vis_json(tmp_path)
     (c,) = data.heldout(f"{name}:{js}:{img}", T=None, size=S)
     # the crowd annotation is dropped

@@ -64,7 +64,7 @@ def test_frame_size_keeps_the_aspect_ratio():
     assert data.frame_size(128, 128, 128) == (128, 128)     # synthetic frames: as before
 
 
-def test_real_clips_keep_the_aspect_ratio_and_train_on_square_crops(davis16):
+def test_real_clips_keep_the_aspect_ratio_and_train_on_whole_frames(davis16):
     spec = f"davis:{davis16}"
     (val,) = data.heldout(spec, n=1, T=None, size=16)
     assert val.frames.shape == (4, 3, 16, 32) and val.ids == [1]    # 0/255 mask -> object 1
@@ -72,9 +72,43 @@ def test_real_clips_keep_the_aspect_ratio_and_train_on_square_crops(davis16):
     cols = np.floor((np.arange(32) + 0.5) * W / 32).astype(int)
     np.testing.assert_array_equal(val.masks[0, 0].numpy(), _box(*A)[rows][:, cols])
     clip = next(data.train_stream(spec, stage=2, T=3, size=16))
-    assert clip.frames.shape == (3, 3, 16, 16) and clip.masks[:, 0].any()   # one crop size
+    assert clip.frames.shape == (3, 3, 16, 32) and clip.masks.shape == (1, 3, 16, 32)
     still = next(data.train_stream(spec, stage=1, T=3, size=16))
-    assert still.frames.shape == (3, 3, 16, 16) and still.masks.shape[1] == 3
+    assert still.frames.shape == (3, 3, 16, 32) and still.masks.shape[1] == 3
+    (batch,) = [next(data.batches(spec, 2, stage=2, T=3, size=16))]
+    assert [c.frames.shape for c in batch] == [(3, 3, 16, 32)] * 2   # one size: whole frames
+
+
+def test_real_training_clips_go_through_clip_views(davis16, monkeypatch):
+    spec = f"davis:{davis16}"
+    plain = []
+    for augment in (False, True):
+        monkeypatch.setattr(data, "AUGMENT_CLIPS", augment)
+        stream = data.train_stream(spec, stage=2, T=3, size=16)
+        plain.append([next(stream).frames for _ in range(4)])
+    assert all(f.shape == (3, 3, 16, 32) for f in plain[1])
+    assert not any(torch.equal(a, b) for a, b in zip(*plain))        # each clip a new view
+
+    def off_grid(frames):  # share of values that are not k / 255: resampled, not decoded, pixels
+        return float(((frames * 255 - (frames * 255).round()).abs() > 1e-3).float().mean())
+    assert max(off_grid(f) for f in plain[0]) == 0 and min(off_grid(f) for f in plain[1]) > 0.1
+
+
+def test_a_batch_of_mixed_frame_sizes_is_cropped_to_its_smallest_around_an_object():
+    rng = np.random.default_rng(0)
+    wide = data.Clip(torch.rand(2, 3, 16, 40), torch.zeros(1, 2, 16, 40, dtype=torch.bool),
+                     torch.tensor([-1]), [1], "davis", "wide")
+    wide.masks[0, :, 4:8, 30:36] = True                 # the object far right
+    tall = data.Clip(torch.rand(2, 3, 24, 16), torch.ones(1, 2, 24, 16, dtype=torch.bool),
+                     torch.tensor([-1]), [1], "davis", "tall")
+    same = [wide, wide]
+    assert data.fit_batch(same, rng) is same                         # one size: left whole
+    for seed in range(5):
+        fitted = data.fit_batch([wide, tall], np.random.default_rng(seed))
+        assert [c.frames.shape for c in fitted] == [(2, 3, 16, 16)] * 2
+        assert fitted[0].masks[0, 0].any()                           # the crop holds the object
+        x0 = [x for x in range(25) if torch.equal(wide.frames[..., x:x + 16], fitted[0].frames)]
+        assert len(x0) == 1 and torch.equal(wide.masks[..., x0[0]:x0[0] + 16], fitted[0].masks)
 
 
 def test_segmenter_keeps_the_aspect_ratio_and_answers_at_the_frame_size():
