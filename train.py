@@ -704,9 +704,12 @@ def _print_banner(args, model, params, device, world, step, resumed):
     start = args.init or "scratch"
     if resumed:
         start = f"step {step} of {args.out}"
+    frames = f"{args.size}x{args.size}"
+    if args.data != "synthetic":  # real frames keep their aspect ratio (data.frame_size)
+        frames = f"short side {args.size}"
     print(f"device {device} ({precision}) x {world} | AUSM {args.preset}: {n_all:.2f}M parameters "
           f"({n_trained:.2f}M trained) | scan path: {path} | stage {args.stage}, T={args.frames}, "
-          f"{args.size}x{args.size}, batch {args.batch_size}x{world}, from {start}", flush=True)
+          f"{frames}, batch {args.batch_size}x{world}, from {start}", flush=True)
 
 
 def _log_line(step, sums, n, args, world, seconds):

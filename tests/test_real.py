@@ -174,6 +174,11 @@ def test_a_mixed_run_resumes_exactly(tmp_path, monkeypatch, davis16):
     assert first[:3] + rest == whole
 
 
+def test_the_run_header_names_the_short_side_of_real_frames(tmp_path, monkeypatch, davis16, capsys):
+    _train(tmp_path, monkeypatch, ["--stage", "2", "--data", f"davis:{davis16}", "--init", ""])
+    assert "T=2, short side 32, batch 1x1" in capsys.readouterr().out   # frames are 32 x 64
+
+
 def test_each_real_file_is_decoded_once(davis16, monkeypatch):
     calls = {}
     real_image = data._read_image
