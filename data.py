@@ -417,13 +417,9 @@ def _views(frames, masks, z, rot, flip, tx, ty, hw):
     m = F.grid_sample(mask_views, grid, mode="nearest", align_corners=False)  # (T, N, h, w)
     return out.clamp(0, 1), m.transpose(0, 1) > 0.5                     # (T, 3, h, w), (N, T, h, w)
 
-def pseudo_video(image, masks, T, size, rng):
+def pseudo_video(image, masks, T, hw, rng):
     """Stage 1 (VITA-style): T random zoom / crop / flip / rotation views of image (3, H, W) and
-    masks (N, H, W) -> (T, 3, size, size), (N, T, size, size)."""
-    return _still_views(image, masks, T, (size, size), rng)
-
-def _still_views(image, masks, T, hw, rng):
-    """pseudo_video at any output size hw = (h, w): (T, 3, h, w), (N, T, h, w)."""
+    masks (N, H, W) at hw = (h, w) -> (T, 3, h, w), (N, T, h, w)."""
     z = rng.uniform(0.8, 1.5, T)  # zoom (< 1 shows a black border)
     rot = np.deg2rad(rng.uniform(-12, 12, T))
     flip = np.where(rng.random(T) < 0.5, -1.0, 1.0)
@@ -466,7 +462,7 @@ def synthetic_clip(key, stage=2, T=16, size=128, name="synthetic"):
     if still:
         big = masks[:, 0].flatten(1).sum(1) >= 8                        # (n,)
         masks = masks[:, 0] & big[:, None, None]                        # (n, S, S)
-        frames, masks = pseudo_video(frames[0], masks, T, size, rng)
+        frames, masks = pseudo_video(frames[0], masks, T, (size, size), rng)
     keep = masks.flatten(1).any(1)
     labels = torch.tensor([o["cat"] for o in objs], dtype=torch.long)
     return Clip(frames.contiguous(), masks[keep].contiguous(), labels[keep], ids[keep].tolist(),
@@ -800,7 +796,7 @@ def _read_clip(video, ts, size, T=None, rng=None):
     masks = torch.from_numpy(masks).reshape(len(ids), len(ts), *none.shape)       # (N, T', h, w)
     if rng is not None and T is not None and len(ts) == 1:
         # (T, 3, h, w), (N, T, h, w)
-        frames, masks = _still_views(frames[0], masks[:, 0], T, none.shape, rng)
+        frames, masks = pseudo_video(frames[0], masks[:, 0], T, none.shape, rng)
     labels = torch.tensor([video.labels.get(k, -1) for k in ids], dtype=torch.long)
     return _visible(frames, masks, labels, ids, video.dataset, video.name)
 

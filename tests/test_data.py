@@ -212,7 +212,7 @@ def test_pseudo_video_keeps_masks_on_their_pixels():
     for i, (y, x, hh, ww) in enumerate([(5, 8, 20, 12), (30, 35, 10, 25), (40, 4, 18, 18)]):
         masks[i, y:y + hh, x:x + ww] = True
         img[:, masks[i]] = colours[i][:, None]
-    frames, m = data.pseudo_video(img, masks, 6, 48, rng)
+    frames, m = data.pseudo_video(img, masks, 6, (48, 48), rng)
     assert frames.shape == (6, 3, 48, 48) and m.shape == (3, 6, 48, 48)
     assert not torch.equal(frames[0], frames[1])                           # views differ
     for i in range(3):
