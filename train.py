@@ -22,6 +22,10 @@ What differs ([D] = our decision in PAPER.md):
   - Tiny preset: small model from scratch, higher lr, short schedule, 8-frame clips in stage 2,
     24-frame clips in stage 3 with more objects that leave and come back (see PRESETS).
   - Data and switch times restart from step-derived seeds at each checkpoint, so --resume is exact.
+  - Ours, off by default: --history-gaps K leaves a tracked object out of the history for up to K
+    frames after it returns and after a random frame (`unpainted`), the frames recurrent inference
+    runs unpainted once it misses a mask: it taught the tiny model to track from memory (README
+    "Long videos"; the paper's teacher forcing paints every visible tracked object).
 Left out: the VITA-style augmentation (data.py makes the clips), mixed-dataset batches (one dataset
 per batch), Mask2Former's point sampling and backbone lr multiplier, --iterative under torchrun.
 Shapes: b = clips in the batch (B is the paper's ID buffer), P = deep-supervision predictions,
@@ -48,6 +52,7 @@ W_CLS = 2.0  # Mask2Former's loss weights: class / foreground cross-entropy,
 W_BCE = 5.0  # mask sigmoid BCE,
 W_DICE = 5.0  # mask Dice,
 NO_OBJECT_WEIGHT = 0.1  # and the weight of a "no object" query in the cross-entropy
+P_LOST = 1.0  # --history-gaps: the chance per tracked object of a lost-mask gap (`unpainted`)
 
 
 # ----------------------------------------------------------------------------- Hungarian matching
@@ -124,14 +129,45 @@ def _check_clips(clips, cfg):
                              f"holds N_id = {cfg.N_id}")
 
 
-def preprocess(clips, cfg, generator, p_prompt=0.5):  # EXERCISE 5: done: pytest --exercise 5
+def unpainted(visible, tracked, generator, gap, p_lost):
+    """History gaps (ours, issue 17): the steps at which a tracked object is left unpainted although
+    the ground truth shows it, as happens in recurrent inference after the model misses its mask.
+    visible, tracked (b, T, N) bool -> (b, T, N) bool, True at step index s: y_{s-1} is not painted.
+    - After a return (visible at frame f, absent at f - 1): the first k frames f..f+k-1 stay
+      unpainted, k uniform in 1..gap (k = 1 is plain teacher forcing: frame f - 1 shows nothing), so
+      the tracking query must find the object again from memory for k frames, not one.
+    - With probability p_lost per tracked object: from a random visible frame f on, frames f..f+k-1
+      are unpainted (a lost mask), k uniform in 1..gap.
+    Teacher forcing paints every visible tracked object, so a model trained on it alone follows the
+    paint of the frame before and forgets an object within a frame of losing it (measured by
+    tests/memory_probe.py; README "Long videos")."""
+    b, T, N = visible.shape
+    gaps = torch.zeros(b, T, N, dtype=torch.bool)  # (b, T, N)
+    for j in range(b):
+        for i in range(N):
+            seen = visible[j, :, i]  # (T,)
+            back = seen[1:] & ~seen[:-1] & (seen.cumsum(0)[:-1] > 0)  # (T-1,): returns at f = 1..
+            starts = (back.nonzero()[:, 0] + 1).tolist()  # frames where the object comes back
+            if bool(torch.rand(1, generator=generator) < p_lost):
+                frames = (seen & tracked[j, :, i]).nonzero()[:, 0]  # visible and tracked frames
+                if len(frames):
+                    starts.append(int(frames[torch.randint(len(frames), (1,),
+                                                           generator=generator)]))
+            for f in starts:
+                k = int(torch.randint(1, gap + 1, (1,), generator=generator))
+                gaps[j, f + 1:f + k, i] = True  # step f + 1 would paint y_f: not before f + k
+    return gaps
+
+
+# EXERCISE 5: done: pytest --exercise 5
+def preprocess(clips, cfg, generator, p_prompt=0.5, gap=0, p_lost=0.0):
     """b Clips (same T, H, W and dataset) -> the teacher-forced batch of Alg. 2 (paper steps
     t = 1..T).
 
     Instance i of sample b gets ids[b, i] (a distinct random row of the ID buffer B) and a switch
     time t_i in 0..T: a detection target at steps t <= t_i where visible, tracked (a tracking
     target, painted in the history) at steps t > t_i. Slots are padded to the batch's largest N with
-    id -1."""
+    id -1. gap > 0: history gaps after returns and lost masks (`unpainted`, --history-gaps)."""
     _check_clips(clips, cfg)
     T, _, H, W = clips[0].frames.shape
     n_b = len(clips)
@@ -163,6 +199,9 @@ def preprocess(clips, cfg, generator, p_prompt=0.5):  # EXERCISE 5: done: pytest
     tracked = t[None, :, None] > switch[:, None, :]  # (b, T, N): i in A_{t-1} at step t
     y_prev = torch.cat([y[:, :, :1], y[:, :, :-1]], dim=2)  # (b, N, T, H, W): y_{t-1}; y_1 at t = 1
     history = y_prev.transpose(1, 2) & tracked[..., None, None]  # (b, T, N, H, W): M_{t-1}
+    if gap > 0:
+        gaps = unpainted(visible, tracked, generator, gap, p_lost)  # (b, T, N)
+        history = history & ~gaps[..., None, None]
     history = history.float()
     y_frames = y.transpose(1, 2).flatten(0, 2)[:, None].float()  # (b*T*N, 1, H, W)
     targets = F.avg_pool2d(y_frames, 4)  # (b*T*N, 1, H/4, W/4) soft masks
@@ -524,6 +563,11 @@ def _parser():
                     "than 1 on an idle 2-core machine); on a busy shared one try --threads 1")
     ap.add_argument("--log-every", type=int, default=10, help="iterations per log line")
     ap.add_argument("--ckpt-every", type=int, default=100, help="iterations between checkpoints")
+    ap.add_argument("--history-gaps", type=int, default=0, metavar="K",
+                    help="leave a tracked object unpainted in the history for up to K frames after "
+                    "it comes back into view and after one random frame per clip (as inference "
+                    "does once a mask is missed; train.unpainted, README 'Long videos': 16 taught "
+                    "the tiny model to track from memory); 0: plain teacher forcing (default)")
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the model init, the data and the switch times")
     ap.add_argument("--time-limit", type=float,
@@ -553,6 +597,8 @@ def _check_args(args):
         raise ValueError(f"--lr {args.lr}: the learning rate must be a positive number")
     if args.time_limit is not None and not args.time_limit >= 0:
         raise ValueError(f"--time-limit {args.time_limit}: minutes must be >= 0 (0 = no limit)")
+    if args.history_gaps < 0:
+        raise ValueError(f"--history-gaps {args.history_gaps}: must be >= 0 (0 = none)")
     if args.threads < 0:
         raise ValueError(f"--threads {args.threads}: must be >= 0 (0 = torch's default)")
     if not 0 <= args.mix <= 1:
@@ -738,7 +784,8 @@ def _train_loop(model, net, opt, cfg, args, step, device, rank, world):
     t_log = time.time()
     while step < args.max_iters:
         clips = next(stream)  # one dataset per batch (data.batches)
-        batch = to_device(preprocess(clips, cfg, gen), device)
+        batch = preprocess(clips, cfg, gen, gap=args.history_gaps, p_lost=P_LOST)
+        batch = to_device(batch, device)
         step += 1
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)

@@ -157,6 +157,51 @@ def test_preprocess_switch_distribution():
     assert torch.allclose(counts["synthetic"][1:] / 2000, torch.full((T,), 0.75 / T), atol=0.04)
 
 
+def test_unpainted_gaps_start_after_a_return_and_after_a_lost_mask():
+    """A return at frame 5 (absent 3-4): the history steps 6..4+k go unpainted, k in 1..gap, so
+    the query searches frames 5..4+k without paint; nothing before step 6 changes. With p_lost = 1
+    one more gap starts after a random visible, tracked frame."""
+    g = torch.Generator().manual_seed(0)
+    T = 10
+    visible = torch.ones(1, T, 1, dtype=torch.bool)
+    visible[0, 3:5] = False  # leaves after frame 2, back at frame 5
+    tracked = torch.ones(1, T, 1, dtype=torch.bool)
+    lengths = set()
+    for _ in range(200):
+        gaps = train.unpainted(visible, tracked, g, gap=4, p_lost=0.0)[0, :, 0]  # (T,)
+        assert not gaps[:6].any()
+        steps = gaps.nonzero()[:, 0].tolist()
+        assert steps == list(range(6, 6 + len(steps)))  # one gap, right after the return
+        lengths.add(len(steps))
+    assert lengths == {0, 1, 2, 3}  # k = 1..4: k - 1 unpainted steps
+    assert not train.unpainted(visible, tracked, g, gap=1, p_lost=0.0).any()  # teacher forcing
+    starts = set()
+    for _ in range(200):
+        gaps = train.unpainted(visible, tracked, g, gap=2, p_lost=1.0)[0, :, 0]  # (T,)
+        lost = [s for s in gaps.nonzero()[:, 0].tolist() if s != 6]
+        starts.update(lost)
+    assert starts == {1, 2, 3, 7, 8, 9}  # after visible frames 0-2 and 6-8 (5 -> 6: the return)
+
+
+def test_preprocess_gaps_unpaint_the_history_only():
+    """gap > 0 removes history (M_{t-1}) at the unpainted steps and changes no target."""
+    clip = Clip(torch.rand(8, 3, 8, 8), torch.zeros(1, 8, 8, 8, dtype=torch.bool),
+                torch.tensor([1]), [1], "synthetic", "x")
+    clip.masks[0, :2, :4, :4] = True
+    clip.masks[0, 4:, :4, :4] = True  # leaves at frame 2, back at frame 4
+    g = torch.Generator().manual_seed(3)
+    plain = train.preprocess([clip] * 64, Cfg, g)
+    g = torch.Generator().manual_seed(3)
+    gapped = train.preprocess([clip] * 64, Cfg, g, gap=4)
+    assert torch.equal(plain["switch"], gapped["switch"])
+    assert torch.equal(plain["targets"], gapped["targets"])
+    painted = plain["history"].flatten(2).any(2)  # (b, T)
+    kept = gapped["history"].flatten(2).any(2)  # (b, T)
+    assert not (kept & ~painted).any()
+    assert (painted & ~kept)[:, 5:].any()  # steps 5.. paint frames 4..: the return's
+    assert not (painted & ~kept)[:, :5].any()
+
+
 def test_preprocess_rejects_mismatched_clips():
     g = torch.Generator().manual_seed(0)
     with pytest.raises(ValueError, match="frames"):

@@ -136,10 +136,26 @@ def test_non_positive_counts_are_refused(tmp_path, capsys, no_training, flag, va
                                         (["--lr", "0"], "--lr 0.0: the learning rate"),
                                         (["--lr", "nan"], "--lr nan: the learning rate"),
                                         (["--time-limit", "-1"], "--time-limit -1.0: minutes"),
-                                        (["--threads", "-1"], "--threads -1: must be >= 0")])
+                                        (["--threads", "-1"], "--threads -1: must be >= 0"),
+                                        (["--history-gaps", "-2"],
+                                         "--history-gaps -2: must be >= 0")])
 def test_bad_values_are_refused(tmp_path, capsys, no_training, argv, says):
     message = fails(["--out", str(tmp_path), *QUICK, *argv], capsys)
     assert message.startswith(f"error: {says}")
+
+
+def test_history_gaps_reach_the_training_batches(tmp_path, monkeypatch):
+    """--history-gaps K trains on preprocess(..., gap=K): the flag is not dropped on the way."""
+    seen = []
+    plain = train.preprocess
+
+    def spy(clips, cfg, generator, **kw):
+        seen.append(kw.get("gap", 0))
+        return plain(clips, cfg, generator, **kw)
+    monkeypatch.setattr(train, "preprocess", spy)
+    trained(tmp_path, "gaps", ["--history-gaps", "3"])
+    trained(tmp_path, "plain")
+    assert seen == [3, 0]
 
 
 def test_size_is_recorded_in_the_checkpoint(tmp_path):
