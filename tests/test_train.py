@@ -183,7 +183,7 @@ def test_unpainted_gaps_start_after_a_return_and_after_a_lost_mask():
     assert starts == {1, 2, 3, 7, 8, 9}  # after visible frames 0-2 and 6-8 (5 -> 6: the return)
 
 
-def test_preprocess_gaps_unpaint_the_history_only():
+def test_history_gaps_unpaint_the_history_only():
     """gap > 0 removes history (M_{t-1}) at the unpainted steps and changes no target."""
     clip = Clip(torch.rand(8, 3, 8, 8), torch.zeros(1, 8, 8, 8, dtype=torch.bool),
                 torch.tensor([1]), [1], "synthetic", "x")
