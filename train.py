@@ -151,8 +151,8 @@ def unpainted(visible, tracked, generator, gap, p_lost):
             if bool(torch.rand(1, generator=generator) < p_lost):
                 frames = (seen & tracked[j, :, i]).nonzero()[:, 0]  # visible and tracked frames
                 if len(frames):
-                    starts.append(int(frames[torch.randint(len(frames), (1,),
-                                                           generator=generator)]))
+                    pick = torch.randint(len(frames), (1,), generator=generator)
+                    starts.append(int(frames[pick]))
             for f in starts:
                 k = int(torch.randint(1, gap + 1, (1,), generator=generator))
                 gaps[j, f + 1:f + k, i] = True  # step f + 1 would paint y_f: not before f + k

@@ -98,13 +98,16 @@ def memory_signal(model, clips, K):
         T, N = len(clip.frames), clip.masks.shape[0]
         visible = clip.masks.flatten(2).any(2).T  # (T, N)
         probed = clip.masks[:, 0].flatten(1).any(1) & visible[t0:t0 + K + 1].all(0)  # (N,)
+        if not probed.any():
+            continue
+        always = compressor_outputs(model, clip, torch.zeros(T, N, dtype=torch.bool))  # (T, P, D)
         for i in probed.nonzero()[:, 0].tolist():
             runs = []
-            for first_unpainted in (t0, 0, T):  # the gap, never painted, always painted
+            for first_unpainted in (t0, 0):  # the gap, never painted
                 unpainted = torch.zeros(T, N, dtype=torch.bool)  # (T, N)
                 unpainted[first_unpainted:, i] = True
                 runs.append(compressor_outputs(model, clip, unpainted))  # (T, P, D)
-            gap, never, always = runs
+            gap, never = runs
             for k in range(K + 1):
                 mask = clip.masks[i, t0 + k][None, None].float()  # (1, 1, H, W)
                 cells = F.avg_pool2d(mask, 8).flatten() > 0.5  # (P,): the object's cells
