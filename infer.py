@@ -12,8 +12,9 @@ Differs: frames keep their aspect ratio at the model's size (data.frame_size: sh
 image_size; masks and outputs back at the frame's size); a later prompt joins like a
 detection and is its frame's output and M_t; unprompted, a tracked object is output while its fg
 prob >= threshold; results.json lists a video's top-k (track, category) pairs (Mask2Former-VIS);
-a full ID buffer warns once; the image's views (four 90% corner crops between its visits) are our
-reading of App. A.
+a full ID buffer drops new objects with one warning (`--reuse-after N`, off by default, gives them
+the slots of objects whose masks were empty N frames); the image's views (four 90% corner crops
+between its visits) are our reading of App. A.
 Metrics (Sec. 3, numpy, checked against the reference tools' golden files): DAVIS J&F as
 davis2017-evaluation's semi-supervised protocol (first and last frame not scored, objects = 1..max
 id of the first ground-truth frame, object-weighted; the sequences are the ground truth's, or
@@ -467,6 +468,11 @@ def _up(x, size):  # (n, h, w) -> (n, *size), bilinear; n may be 0
 def sampler_seed(seed, video):  # the Sampler's seed for one video: from (--seed, video index)
     return int(np.random.SeedSequence([seed, video]).generate_state(1)[0])
 
+# ours (PAPER.md Sec. 6), off by default: once B is full, a new object takes the slot of an object
+# whose mask was empty for this many frames in a row; 0: never (Alg. 1: objects are never removed,
+# so new ones are dropped). Measured: no buffer fills, but AP falls (README "Long videos")
+REUSE_AFTER = 0
+
 # EXERCISE 9 (open): box_to_mask(frame, box) -> a mask prompt for Segmenter;
 # done when pytest --exercise 9 passes
 class Segmenter:
@@ -483,7 +489,7 @@ class Segmenter:
       (Alg. 1 l.15-19). Output: the top_k by fg prob of them and of the tracked objects with fg
       prob >= threshold. The Sampler's draws are seeded by `seed`."""
     def __init__(self, model, mode="prompted", dataset="synthetic", top_k=10, threshold=0.5,
-                 seed=0):
+                 seed=0, reuse_after=None):
         if mode not in ("prompted", "unprompted"):
             raise ValueError(f"mode {mode!r}: expected 'prompted' or 'unprompted'")
         self.model = model
@@ -496,6 +502,9 @@ class Segmenter:
         self.slot = {}  # object id -> slot, in allocation order
         self.t = 0
         self.warned_full = False
+        self.reuse_after = REUSE_AFTER if reuse_after is None else reuse_after  # 0: never (Alg. 1)
+        self.lost = {}  # slot -> frames in a row its object's mask M_t was empty
+        self.retired = {}  # object id -> the frame its slot went to a new object (_reuse)
 
     @torch.no_grad()
     def step(self, frame, prompts=None):
@@ -511,13 +520,21 @@ class Segmenter:
         fg, cls, logits = self._predict(frame)  # Alg. 1 l.11-14: E_t, F_t, G_t, y_trk, y_det
         D = self._detections(fg)  # Alg. 1 l.15-16: D_t, the detections with fg >= threshold
         masks = _up(logits, (Sh, Sw)) > 0  # (Q, Sh, Sw): every query's mask at the model's size
-        new_ids = list(range(len(self.slot) + 1, len(self.slot) + len(D) + 1))
-        joined = self._allocate(new_ids, masks[D])  # Alg. 1 l.17-19: Sampler, A_t, M_t of D_t
         for k, i in tracked:  # Alg. 1 l.19: M_t = [masks of y_trk; ...], no filter
             self.state.M[0, i] = masks[i]
+            self.lost[i] = 0 if bool(masks[i].any()) else self.lost.get(i, 0) + 1
+        first = len(self.slot) + len(self.retired) + 1  # an object id is never given twice
+        new_ids = list(range(first, first + len(D)))
+        query = dict(zip(new_ids, D.tolist()))  # new object id -> its detection query
+        free = self.model.cfg.N_id - len(self.slot)  # rows of B not in A_{t-1}
+        reused = self._reuse(new_ids[free:], masks[D[free:]])  # ours: those B has no row for
+        waiting = [k for k in new_ids if k not in reused]
+        joined = self._allocate(waiting, masks[[query[k] for k in waiting]])  # Alg. 1 l.17-19
         if self.t > 0:  # ours: a later prompt joins A_t and M_t as a detection does
             self._allocate(list(prompts), prompt_masks)
-        output = self._output(tracked, list(zip(joined, D.tolist())), fg)  # App. A: top-k
+        tracked = [(k, i) for k, i in tracked if k in self.slot]  # less those whose slot is reused
+        detected = [(k, query[k]) for k in joined + reused]
+        output = self._output(tracked, detected, fg)  # App. A: top-k
         ids = self._id_map(output, logits, prompts, frame.shape[-2:])  # (H, W)
         self.t += 1
         return ids, {k: cls[q].cpu().numpy() for k, q in output}
@@ -564,8 +581,8 @@ class Segmenter:
         n = len(self.slot)
         fit = min(len(ids), N - n)  # B has N_id rows: once all are in A_t nobody new joins
         if fit < len(ids) and not self.warned_full:
-            warnings.warn(f"frame {self.t}: the ID buffer (N_id={N}) is full; no new objects "
-                          "from here on")
+            warnings.warn(f"frame {self.t}: the ID buffer (N_id={N}) is full; new objects are "
+                          f"dropped (reuse_after={self.reuse_after}; see --reuse-after)")
             self.warned_full = True
         free = torch.ones(N, dtype=torch.bool)
         free[self.state.ids[0, :n].cpu()] = False
@@ -577,6 +594,25 @@ class Segmenter:
             self.state.alloc[0, n + j] = True  # Alg. 1 l.18: A_t = [A_{t-1}; Sampler(...)]
             self.state.M[0, n + j] = masks[j]  # Alg. 1 l.19: M_t = [masks of y_trk; of D_t]
         return ids[:fit]
+
+    def _reuse(self, ids, masks):  # ours: B is full; new objects ids take lost objects' slots
+        """The objects whose mask M_t was empty for reuse_after frames in a row or more give up
+        their slots, the longest lost first: each slot keeps its row of B and gets one of ids
+        (surest first) and its mask (Sh, Sw) as M_t; the old object is no longer tracked (its fg
+        prob does not say: a lost query's hovers around 0.5). Returns the ids that got one."""
+        if self.reuse_after <= 0:
+            return []
+        lost = sorted((-n, i) for i, n in self.lost.items() if n >= self.reuse_after)
+        owner = {i: k for k, i in self.slot.items()}  # slot -> object id
+        taken = []
+        for (_, i), k, m in zip(lost, ids, masks):
+            del self.slot[owner[i]]
+            self.retired[owner[i]] = self.t
+            self.slot[k] = i
+            self.lost[i] = 0
+            self.state.M[0, i] = m
+            taken.append(k)
+        return taken
 
     def _output(self, tracked, joined, fg):  # [(id, query)] (this frame's prompts come after)
         if self.mode == "prompted":
@@ -751,15 +787,17 @@ def identity_counts(matched):
 def _share(part, whole):  # a fraction, NaN when there is nothing to count
     return part / whole if whole else float("nan")
 
-def heldout_scores(model, clips, dataset="synthetic", top_k=10, threshold=0.5, tts=False, seed=0):
+def heldout_scores(model, clips, dataset="synthetic", top_k=10, threshold=0.5, tts=False, seed=0,
+                   reuse_after=None):
     """Prompted J&F (frame 0's objects given, DAVIS protocol), unprompted video AP (YouTube-VIS) of
     data.Clip's, and track identity: "switches" (share of objects covered by > 1 id, unprompted),
     "reid" / "reid_prompted" (share of returns after leaving the frame that come back under their
-    own id), "full" (videos whose ID buffer filled, unprompted). Video v's Sampler is seeded by
-    sampler_seed(seed, v)."""
+    own id), "full" (videos where B had no slot for a new object, unprompted), "reused" (slots
+    given to a new object, unprompted). Video v's Sampler is seeded by sampler_seed(seed, v)."""
     sequences, videos, annotations, results = [], [], [], []
     counts = np.zeros((2, 4), dtype=np.int64)  # prompted, unprompted: identity_counts summed
     full = 0
+    reused = 0
     for v, clip in enumerate(clips, 1):
         T = len(clip.frames)
         first = clip.masks[clip.masks[:, 0].flatten(1).any(1)]  # (n, T, H, W): frame 0's objects
@@ -768,7 +806,8 @@ def heldout_scores(model, clips, dataset="synthetic", top_k=10, threshold=0.5, t
             return clip.frames[t], f"{t:05d}"
         def prompts(t, stem):
             return {k: gt[0] == k for k in range(1, len(first) + 1)} if t == 0 else None
-        options = dict(top_k=top_k, threshold=threshold, seed=sampler_seed(seed, v))
+        options = dict(top_k=top_k, threshold=threshold, seed=sampler_seed(seed, v),
+                       reuse_after=reuse_after)
         seg = Segmenter(model, "prompted", dataset, **options)
         pred = sorted(segment(seg, T, frame, prompts, tts), key=lambda out: out[0])
         pred = np.stack([out[3] for out in pred])  # (T, H, W)
@@ -782,6 +821,7 @@ def heldout_scores(model, clips, dataset="synthetic", top_k=10, threshold=0.5, t
         ids = np.stack([ids for _, ids, _ in sorted(kept, key=lambda out: out[0])])  # (T, H, W)
         counts[1] += identity_counts(matched_ids(clip.masks.numpy(), ids))
         full += seg.warned_full
+        reused += len(seg.retired)
         videos.append({"id": v, "height": clip.frames.shape[2], "width": clip.frames.shape[3],
                        "length": T})
         annotations += _ground_truth(clip, v)
@@ -794,7 +834,7 @@ def heldout_scores(model, clips, dataset="synthetic", top_k=10, threshold=0.5, t
             "AP50": ap["AP50"], "AR10": ap["AR10"], "switches": _share(counts[1, 1], counts[1, 0]),
             "reid": _share(counts[1, 3], counts[1, 2]),
             "reid_prompted": _share(counts[0, 3], counts[0, 2]), "returns": int(counts[1, 2]),
-            "full": full}
+            "full": full, "reused": reused}
 
 HELDOUT_VIDEOS = 32  # held-out synthetic videos per evaluation (issue 17: 8 moved 0.07 by threads)
 LENGTHS = (16, 64, 256)  # --eval long: frames per held-out video
@@ -802,7 +842,7 @@ LENGTHS = (16, 64, 256)  # --eval long: frames per held-out video
 def evaluate_heldout(model, cfg, n=HELDOUT_VIDEOS):  # train.py's end-of-run hook
     return heldout_scores(model.eval(), heldout("synthetic", n, size=cfg.image_size))
 
-def long_video_scores(model, lengths=LENGTHS, n=HELDOUT_VIDEOS, seed=0):
+def long_video_scores(model, lengths=LENGTHS, n=HELDOUT_VIDEOS, seed=0, reuse_after=None):
     """--eval long: the same n held-out synthetic videos at each length -> {T: heldout_scores},
     a row printed as each length finishes."""
     print(f"{n} held-out synthetic videos per length (seed {seed})")
@@ -811,17 +851,18 @@ def long_video_scores(model, lengths=LENGTHS, n=HELDOUT_VIDEOS, seed=0):
     for T in lengths:
         t0 = time.time()
         clips = heldout("synthetic", n, T, model.cfg.image_size)
-        rows[T] = heldout_scores(model.eval(), clips, seed=seed)
+        rows[T] = heldout_scores(model.eval(), clips, seed=seed, reuse_after=reuse_after)
         print(length_row(T, rows[T], time.time() - t0), flush=True)
     return rows
 
 LENGTH_HEADER = ("frames | prompted J&F | unprompted AP | ID switches | re-id unprompted | "
-                 "re-id prompted | returns | buffer full | seconds")
+                 "re-id prompted | returns | buffer full | slots reused | seconds")
 
 def length_row(T, s, seconds):
     """One line of the length table (the README's format)."""
     return (f"{T} | {s['J&F']:.3f} | {s['AP']:.3f} | {s['switches']:.3f} | {s['reid']:.3f} | "
-            f"{s['reid_prompted']:.3f} | {s['returns']} | {s['full']} | {seconds:.0f}")
+            f"{s['reid_prompted']:.3f} | {s['returns']} | {s['full']} | {s['reused']} | "
+            f"{seconds:.0f}")
 
 def copy_first_mask(gt):
     """The copy-the-first-mask baseline: frame 0's ground truth (void 255 -> background) as the
@@ -911,6 +952,8 @@ def _check_args(args):  # before anything is read or written
             raise ValueError(f"{flag} {n}: give a whole number >= 1")
     if args.gif_frames < 0:
         raise ValueError(f"--gif-frames {args.gif_frames}: give 0 (no GIF) or more")
+    if args.reuse_after < 0:
+        raise ValueError(f"--reuse-after {args.reuse_after}: give 0 (never reuse a slot) or more")
     if not 0 <= args.threshold <= 1:
         raise ValueError(f"--threshold {args.threshold}: a foreground probability, from 0 to 1")
 
@@ -1013,7 +1056,7 @@ def run(args):  # writes <out>/<video>/<frame>.png, <out>/results.json, <out>/<v
     name, T, hw, frame, gt = open_video(args.video, args.num_frames, model.cfg.image_size)
     prompts = _prompt_reader(args, hw, gt)
     seed = sampler_seed(args.seed, 0)
-    seg = Segmenter(model, args.mode, dataset, args.top_k, args.threshold, seed)
+    seg = Segmenter(model, args.mode, dataset, args.top_k, args.threshold, seed, args.reuse_after)
     if T == 1 and args.tts > 1:  # one image: Sec. 3.4's pseudo-video of image_views
         image, stem = frame(0)
         outputs = segment_image(seg, image, stem, prompts(0, stem), args.tts)
@@ -1159,6 +1202,10 @@ def main(argv=None):
     ap.add_argument("--tts", type=int, nargs="?", const=3, default=1, metavar="N", help="Sec. 3.4 "
                     "test-time scaling: N passes back and forth (alone: 3); an image: N visits")
     ap.add_argument("--seed", type=int, default=0, help="seeds the Sampler's draws of rows of B")
+    ap.add_argument("--reuse-after", type=int, default=REUSE_AFTER, metavar="N", help="unprompted, "
+                    "ID buffer B full: a new object takes the slot of an object whose mask was "
+                    "empty for N frames in a row (default 0: never, as Alg. 1; new objects are "
+                    "dropped)")
     ap.add_argument("--gif-frames", type=int, default=64, help="overlay GIF frames (0: no GIF)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # measured: on this shared 2-core box a 2nd thread spin-waits
@@ -1170,7 +1217,7 @@ def main(argv=None):
             _check_args(args)
             lengths = _lengths(args.lengths)
             model = load_model(_checkpoint_path(args))
-            return long_video_scores(model, lengths, args.num_videos, args.seed)
+            return long_video_scores(model, lengths, args.num_videos, args.seed, args.reuse_after)
         if args.eval and not (args.pred and args.gt):
             ap.error(f"--eval {args.eval} needs both --pred and --gt (davis: or --checkpoint and "
                      f"--gt DAVIS_ROOT to run the model on its validation split)")

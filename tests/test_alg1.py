@@ -312,7 +312,7 @@ def test_a_prompt_without_objects_warns(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag", [["--gif-frames", "-1"], ["--num-frames", "-1"],
                                   ["--num-frames", "0"], ["--top-k", "0"], ["--tts", "0"],
-                                  ["--threshold", "1.5"]])
+                                  ["--threshold", "1.5"], ["--reuse-after", "-1"]])
 def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, flag):
     with pytest.raises(SystemExit, match=f"^error: {flag[0]} "):
         ck = save_ckpt(tmp_path / "ck.pt", tiny_model())

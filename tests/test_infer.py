@@ -483,12 +483,74 @@ def test_cli_bad_input_is_explained(tmp_path):
 
 def test_heldout_scores_runs_both_protocols():
     s = infer.heldout_scores(tiny_model(), data.heldout("synthetic", 2, 4, 32))
-    identity = {"switches", "reid", "reid_prompted", "returns", "full"}
+    identity = {"switches", "reid", "reid_prompted", "returns", "full", "reused"}
     assert set(s) == {"J&F", "J", "F", "AP", "AP50", "AR10"} | identity
     assert 0 <= s["J&F"] <= 1 and -1 <= s["AP"] <= 1
-    # an untrained model whose detection queries all fire fills its ID buffer (16) in 2 frames
+    # an untrained model whose detection queries all fire fills its ID buffer (16) in 2 frames;
+    # its tracked objects are all output, so none is lost and no slot is reused
     s = infer.heldout_scores(tiny_model(fg_bias=10.0), data.heldout("synthetic", 2, 3, 32))
-    assert s["full"] == 2
+    assert s["full"] == 2 and s["reused"] == 0
+
+
+def scripted(seg, script):
+    """Replace seg's model output: script[t] = (which of the 4 tracking queries have a mask,
+    detection queries that fire). A mask (logits 8 x 8 at the model's 32 x 32) is a 2 x 2 block
+    of the query's own that moves with t, so each frame's masks differ; every tracking query's fg
+    prob is 0.9, mask or not (a lost query's fg says nothing)."""
+    N = seg.model.cfg.N_id
+    Q = N + seg.model.cfg.N_det
+
+    def predict(frame):
+        tracking, firing = script[seg.t]
+        fg = torch.full((Q,), 0.01)
+        fg[:N] = 0.9
+        fg[[N + j for j in firing]] = 0.9
+        logits = torch.full((Q, 8, 8), -10.0)
+        for q in range(Q):
+            if q < N and not tracking[q]:
+                continue  # an empty mask
+            y = (q + seg.t) % 4 * 2
+            x = (q + seg.t) // 4 % 4 * 2
+            logits[q, y:y + 2, x:x + 2] = 10.0
+        seg.logits = logits
+        return fg, fg[:, None], logits
+    seg._predict = predict
+
+
+def test_a_full_buffer_gives_the_longest_lost_slot_to_a_new_object():
+    script = [([0, 0, 0, 0], [0, 1, 2, 3]),  # frame 0: four detections fill B (N_id = 4)
+              ([1, 0, 1, 1], []),  # object 2 (slot 1) has an empty mask from frame 1 on
+              ([0, 0, 1, 1], [0]),  # and object 1 (slot 0) from frame 2: slot 1 goes first
+              ([0, 1, 1, 1], [0, 1])]  # slot 0 goes to the first, the second is dropped
+    seg = infer.Segmenter(tiny_model(N_id=4), "unprompted", reuse_after=1)
+    scripted(seg, script)
+    frames = torch.rand(4, 3, 32, 32)
+    seg.step(frames[0])
+    rows = seg.state.ids[0].clone()
+    seg.step(frames[1])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ids, _ = seg.step(frames[2])
+        assert w == []
+    assert seg.slot == {1: 0, 5: 1, 3: 2, 4: 3} and seg.retired == {2: 2}
+    assert 5 in ids and 2 not in ids  # the new object is output under its own new id
+    detection = infer._up(seg.logits[4:5], (32, 32))[0] > 0  # frame 2's mask of query N_id + 0
+    assert torch.equal(seg.state.M[0, 1], detection.float())  # is its M_t; slot 0 keeps its own
+    assert torch.equal(seg.state.M[0, 0], (infer._up(seg.logits[0:1], (32, 32))[0] > 0).float())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        seg.step(frames[3])
+    assert seg.slot == {5: 1, 3: 2, 4: 3, 6: 0} and seg.retired == {2: 2, 1: 3}
+    assert [str(x.message)[:39] for x in w] == ["frame 3: the ID buffer (N_id=4) is full"]
+    assert torch.equal(seg.state.ids[0], rows) and bool(seg.state.alloc.all())  # rows of B kept
+    never = infer.Segmenter(tiny_model(N_id=4), "unprompted", reuse_after=0)  # Alg. 1 as written
+    scripted(never, script)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for f in frames:
+            never.step(f)
+    assert sorted(never.slot) == [1, 2, 3, 4] and never.retired == {}
+    assert [str(x.message)[:39] for x in w] == ["frame 2: the ID buffer (N_id=4) is full"]
 
 
 def _object(T, frames, box):
@@ -539,6 +601,24 @@ def test_eval_long_prints_the_length_table(tmp_path, capsys):
             infer.main(["--eval", "long", "--checkpoint", str(ck), "--lengths", bad])
     with pytest.raises(SystemExit, match="--num-videos 0"):
         infer.main(["--eval", "long", "--checkpoint", str(ck), "--num-videos", "0"])
+
+
+def test_reuse_after_reaches_every_segmenter_of_eval_long(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    ck = save_ckpt(tmp_path / "ck.pt", tiny_model())
+    seen = []
+
+    class Recorded(infer.Segmenter):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            seen.append((self.mode, self.reuse_after))
+    monkeypatch.setattr(infer, "Segmenter", Recorded)
+    infer.main(["--eval", "long", "--checkpoint", ck, "--lengths", "3", "--num-videos", "1",
+                "--reuse-after", "7"])
+    assert seen == [("prompted", 7), ("unprompted", 7)]
+    seen.clear()
+    infer.main(["--eval", "long", "--checkpoint", ck, "--lengths", "3", "--num-videos", "1"])
+    assert seen == [("prompted", 0), ("unprompted", 0)]  # default: never, as Alg. 1
 
 
 def test_default_checkpoint_is_the_last_stage_trained(tmp_path, monkeypatch):
