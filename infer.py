@@ -487,7 +487,8 @@ class Segmenter:
       (frame 0: y_0, on X_0); then it is tracked. Output: every tracked object, no threshold.
     unprompted: every detection with fg prob >= threshold gets a fresh id while B has free rows
       (Alg. 1 l.15-19). Output: the top_k by fg prob of them and of the tracked objects with fg
-      prob >= threshold. The Sampler's draws are seeded by `seed`."""
+      prob >= threshold. The Sampler's draws are seeded by `seed`. Ours, off by default: with
+      reuse_after > 0 a full B gives a new object the slot of an object lost that long (_reuse)."""
     def __init__(self, model, mode="prompted", dataset="synthetic", top_k=10, threshold=0.5,
                  seed=0, reuse_after=None):
         if mode not in ("prompted", "unprompted"):
