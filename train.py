@@ -432,6 +432,62 @@ def save_checkpoint(path, model, opt, step, cfg, args):
     os.replace(path + ".tmp", path)
 
 
+def average_weights(checkpoints, paths):
+    """--average (ours, not the paper's): the uniform mean of the weights of checkpoints of one
+    model, e.g. runs fine-tuned from one --init (a "model soup", Wortsman et al. 2022). Integer
+    buffers are the first checkpoint's. Refused, with the file named, unless every checkpoint has
+    the first one's Config and the same weight names and shapes. -> the averaged state dict."""
+    first = checkpoints[0]
+    for path, ck in zip(paths[1:], checkpoints[1:]):
+        if ck["config"] != first["config"]:
+            changed = sorted(k for k in first["config"] if ck["config"].get(k) != first["config"][k])
+            raise ValueError(f"--average {path}: its Config differs from {paths[0]}'s (in "
+                             f"{changed[:3]}); average checkpoints of one model")
+        if set(ck["model"]) != set(first["model"]):
+            raise ValueError(f"--average {path}: its weights are not {paths[0]}'s weights; "
+                             f"average checkpoints of one model")
+    mean = {}
+    for name, value in first["model"].items():
+        if not value.is_floating_point():
+            mean[name] = value
+            continue
+        shapes = {tuple(ck["model"][name].shape) for ck in checkpoints}
+        if len(shapes) > 1:
+            raise ValueError(f"--average: weight {name} has shapes {sorted(shapes)} in "
+                             f"{paths}; average checkpoints of one model")
+        stacked = torch.stack([ck["model"][name].float() for ck in checkpoints])  # (n, ...)
+        mean[name] = stacked.mean(0).to(value.dtype)  # (...)
+    return mean
+
+
+def average_checkpoints(args):
+    """--average CKPT CKPT ...: their averaged weights as <out>/ckpt.pt (model, config, the
+    averaged paths; no optimizer, so it is --init'ed, not resumed), evaluated as a run is."""
+    paths = args.average
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    if len(paths) < 2:
+        raise ValueError(f"--average {paths[0]}: give two or more checkpoints to average")
+    inputs = [os.path.abspath(p) for p in paths]
+    if os.path.abspath(ckpt) in inputs:
+        raise ValueError(f"--out {args.out}: its ckpt.pt is one of the checkpoints to average; "
+                         f"give another --out")
+    checkpoints = [load_checkpoint(p, "--average") for p in paths]
+    for path, ck in zip(paths, checkpoints):
+        _checkpoint_config(args, ck, path)  # refused if trained under another --preset
+    cfg = ausm.Config(**checkpoints[0]["config"])
+    model = ausm.AUSM(cfg)
+    _load_weights(model, {"model": average_weights(checkpoints, paths)}, paths[0], None)
+    os.makedirs(args.out, exist_ok=True)
+    ck = {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "step": 0,
+          "stage": checkpoints[0].get("stage", args.stage), "args": dict(vars(args)),
+          "averaged": list(paths)}
+    torch.save(ck, ckpt + ".tmp")
+    os.replace(ckpt + ".tmp", ckpt)
+    print(f"averaged the weights of {len(paths)} checkpoints into {ckpt}", flush=True)
+    if not args.no_eval:
+        evaluate(model.eval(), cfg, args.out)
+    return 0
+
 def _remove_stale_tmp(path):
     """A <ckpt>.tmp left by an interrupted save (the checkpoint itself is whole or absent)."""
     if os.path.exists(path + ".tmp"):
@@ -442,7 +498,7 @@ def _remove_stale_tmp(path):
 def load_checkpoint(path, flag="--init"):
     """A train.py checkpoint read as data (weights_only=True): a pickle that would run code, or
     anything that is not a checkpoint, is refused with the file's name. flag: how the user named
-    it (--init, --resume; --checkpoint for infer.load_model, the one other reader)."""
+    it (--init, --resume, --average; --checkpoint for infer.load_model, the one other reader)."""
     if not os.path.isfile(path):
         if flag == "--resume":
             raise FileNotFoundError(f"--resume: no checkpoint {path}; run without --resume to "
@@ -450,6 +506,9 @@ def load_checkpoint(path, flag="--init"):
         if flag == "--checkpoint":  # infer.py
             raise FileNotFoundError(f"checkpoint {path} not found; train one with this code: "
                                     "python train.py --stage 1")
+        if flag == "--average":
+            raise FileNotFoundError(f"--average: no checkpoint {path}; give the ckpt.pt of each "
+                                    f"run to average")
         raise FileNotFoundError(f"checkpoint {path} not found: for --stage 2 / 3 train the "
                                 f"previous stage first (python train.py --stage 1) or pass --init "
                                 f"CKPT; --resume reads <--out>/ckpt.pt")
@@ -466,6 +525,9 @@ def load_checkpoint(path, flag="--init"):
     if flag == "--resume":
         need += ["optimizer", "step", "rng"]
     missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
+    if flag == "--resume" and isinstance(ck, dict) and "averaged" in ck:
+        raise ValueError(f"--resume {path}: an average of checkpoints (--average) has no "
+                         f"optimizer to resume; start a run from it with --init {path}")
     if missing:
         raise ValueError(f"{flag} {path}: not a train.py checkpoint (no {missing}); use one "
                          f"written by train.py")
@@ -577,6 +639,10 @@ def _parser():
                     help="skip the held-out evaluation at the end")
     ap.add_argument("--bench-iters", type=int, default=3,
                     help="--benchmark: timed iterations per form and T")
+    ap.add_argument("--average", nargs="+", metavar="CKPT",
+                    help="train nothing: write the mean of these checkpoints' weights (runs of one "
+                    "model, e.g. fine-tuned from one --init) to <out>/ckpt.pt (default "
+                    "runs/average) and evaluate it (README 'Long videos')")
     return ap
 
 
@@ -601,6 +667,9 @@ def _check_args(args):
         raise ValueError(f"--history-gaps {args.history_gaps}: must be >= 0 (0 = none)")
     if args.threads < 0:
         raise ValueError(f"--threads {args.threads}: must be >= 0 (0 = torch's default)")
+    if args.average and (args.init or args.resume or args.benchmark or args.iterative):
+        raise ValueError("--average trains nothing: drop --init, --resume, --benchmark and "
+                         "--iterative (the checkpoints to average are its arguments)")
     if not 0 <= args.mix <= 1:
         raise ValueError(f"--mix {args.mix}: the share of the second --data spec's batches must "
                          f"be in 0..1")
@@ -620,6 +689,8 @@ def parse_args(argv=None):
     args.max_iters = _preset_default(args.max_iters, pre["iters"][args.stage])
     args.lr = _preset_default(args.lr, pre["lr"])
     args.time_limit = _preset_default(args.time_limit, pre["time_limit"][args.stage])
+    if args.average:
+        args.out = args.out or "runs/average"
     args.out = args.out or f"runs/stage{args.stage}"
     if args.init is None and args.stage > 1 and not args.resume and not args.benchmark:
         args.init = f"runs/stage{args.stage - 1}/ckpt.pt"
@@ -835,6 +906,8 @@ def run(args, overrides):
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.average:
+        return average_checkpoints(args)
     ckpt = os.path.join(args.out, "ckpt.pt")
     ck = None
     ck_path = None

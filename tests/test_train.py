@@ -563,3 +563,27 @@ def test_tiny_stage3_defaults_long_clips_and_its_own_time_limit():
     assert (s3.time_limit, s3.frames, s3.max_iters) == (15.0, 24, 300)
     assert train.parse_args(["--stage", "3", "--time-limit", "2"]).time_limit == 2.0
     assert train.parse_args(["--stage", "3", "--preset", "paper"]).time_limit == 0.0
+
+
+def test_average_writes_the_mean_of_the_weights(tmp_path, monkeypatch):
+    """--average: each floating weight of the written checkpoint is the mean of the inputs' (two
+    runs from one --init that differ), integer buffers are the first's, infer.py loads it."""
+    import infer
+    run_main(["--max-iters", "1", "--out", str(tmp_path / "a")], monkeypatch)
+    a_path = str(tmp_path / "a" / "ckpt.pt")
+    run_main(["--max-iters", "2", "--init", a_path, "--out", str(tmp_path / "b")], monkeypatch)
+    b_path = str(tmp_path / "b" / "ckpt.pt")
+    argv = ["--average", a_path, b_path, "--out", str(tmp_path / "soup"), "--no-eval"]
+    assert train.main(argv) == 0
+    soup = torch.load(tmp_path / "soup" / "ckpt.pt", weights_only=True)
+    first = torch.load(a_path, weights_only=True)
+    a = first["model"]
+    b = torch.load(b_path, weights_only=True)["model"]
+    floats = [k for k in a if a[k].is_floating_point()]
+    assert any(not torch.equal(a[k], b[k]) for k in floats)  # the two runs differ
+    for k in floats:
+        torch.testing.assert_close(soup["model"][k], (a[k] + b[k]) / 2, rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(soup["model"][k], a[k]) for k in a if k not in floats)
+    assert soup["averaged"] == [a_path, b_path] and soup["config"] == first["config"]
+    model = infer.load_model(str(tmp_path / "soup" / "ckpt.pt"))
+    torch.testing.assert_close(model.state_dict()["X_0"], (a["X_0"] + b["X_0"]) / 2)

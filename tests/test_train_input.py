@@ -270,3 +270,27 @@ def test_the_command_line_prints_one_line_and_no_traceback(tmp_path):
     assert res.returncode == 1 and res.stdout == ""
     want = "error: --size 30: the frame size must be a positive multiple of 8 (e.g. 64 or 128)"
     assert res.stderr.splitlines() == [want]
+
+
+# ------------------------------------------------------------------------ --average
+def test_average_refuses_what_it_cannot_average(tmp_path, capsys):
+    a = trained(tmp_path, "a")
+    b = trained(tmp_path, "b", ["--seed", "1"])
+    wide = tmp_path / "wide" / "ckpt.pt"  # another model: D = 48
+    argv = ["--max-iters", "1", "--out", str(wide.parent), *QUICK]
+    assert train.main(argv, **{**SMALL, "D": 48}) == 0
+    soup = ["--out", str(tmp_path / "soup")]
+    message = fails(["--average", str(a), *soup], capsys)
+    assert "two or more" in message
+    message = fails(["--average", str(a), str(tmp_path / "none.pt"), *soup], capsys)
+    assert "--average" in message and str(tmp_path / "none.pt") in message
+    message = fails(["--average", str(a), str(b), "--out", str(tmp_path / "a")], capsys)
+    assert "--out" in message and "another --out" in message
+    message = fails(["--average", str(a), str(b), "--init", str(a), *soup], capsys)
+    assert "--init" in message
+    message = fails(["--average", str(a), str(wide), *soup], capsys)
+    assert str(wide) in message and "Config differs" in message and "'D'" in message
+    assert not (tmp_path / "soup" / "ckpt.pt").exists()
+    assert train.main(["--average", str(a), str(b), *soup, "--no-eval"]) == 0
+    message = fails(["--resume", *soup, *QUICK], capsys)
+    assert "--init" in message and "no optimizer" in message
