@@ -603,6 +603,33 @@ def test_eval_long_prints_the_length_table(tmp_path, capsys):
         infer.main(["--eval", "long", "--checkpoint", str(ck), "--num-videos", "0"])
 
 
+def test_eval_long_seeds_prints_each_sampler_seed_their_mean_and_the_summary(tmp_path, monkeypatch,
+                                                                             capsys):
+    ck = save_ckpt(tmp_path / "ck.pt", tiny_model())
+    seen = []
+
+    def scores(model, clips, seed=0, reuse_after=None):  # made-up scores of (length, seed)
+        T = len(clips[0].frames)
+        seen.append((T, seed))
+        return {"J&F": 0.9 - 0.01 * T + 0.02 * seed, "AP": 0.1 * seed - 0.01 * T,
+                "switches": 0.1, "reid": 0.5, "reid_prompted": 0.5, "returns": T,
+                "full": seed - 4, "reused": 2}
+    monkeypatch.setattr(infer, "heldout_scores", scores)
+    rows = infer.main(["--eval", "long", "--checkpoint", ck, "--lengths", "3,5", "--num-videos",
+                       "1", "--seed", "4", "--seeds", "2"])
+    assert seen == [(3, 4), (3, 5), (5, 4), (5, 5)]
+    assert rows[5]["J&F"] == pytest.approx(0.94) and rows[5]["AP"] == pytest.approx(0.40)
+    assert (rows[5]["returns"], rows[5]["full"], rows[5]["reused"]) == (5, 1, 4)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "1 held-out synthetic videos per length (Sampler seeds 4 to 5)"
+    labels = [line.split(" | ")[0] for line in lines[2:8]]
+    assert labels == ["3 (seed 4)", "3 (seed 5)", "3 (mean)", "5 (seed 4)", "5 (seed 5)", "5 (mean)"]
+    assert lines[4].startswith("3 (mean) | 0.960 | 0.420 | 0.100 | 0.500 | 0.500 | 3 | 1 | 4 |")
+    assert lines[8] == ("5 frames against 3: J&F -0.020, AP 95.2% of its 3-frame value, buffer "
+                        "full in 1 of 2 videos")
+    with pytest.raises(SystemExit, match="--seeds 0"):
+        infer.main(["--eval", "long", "--checkpoint", ck, "--seeds", "0"])
+
 def test_reuse_after_reaches_every_segmenter_of_eval_long(tmp_path, monkeypatch):
     torch.manual_seed(0)
     ck = save_ckpt(tmp_path / "ck.pt", tiny_model())
