@@ -440,9 +440,9 @@ def average_weights(checkpoints, paths):
     first = checkpoints[0]
     for path, ck in zip(paths[1:], checkpoints[1:]):
         if ck["config"] != first["config"]:
-            changed = sorted(k for k in first["config"] if ck["config"].get(k) != first["config"][k])
+            changed = [k for k in first["config"] if ck["config"].get(k) != first["config"][k]]
             raise ValueError(f"--average {path}: its Config differs from {paths[0]}'s (in "
-                             f"{changed[:3]}); average checkpoints of one model")
+                             f"{sorted(changed)[:3]}); average checkpoints of one model")
         if set(ck["model"]) != set(first["model"]):
             raise ValueError(f"--average {path}: its weights are not {paths[0]}'s weights; "
                              f"average checkpoints of one model")

@@ -623,7 +623,8 @@ def test_eval_long_seeds_prints_each_sampler_seed_their_mean_and_the_summary(tmp
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "1 held-out synthetic videos per length (Sampler seeds 4 to 5)"
     labels = [line.split(" | ")[0] for line in lines[2:8]]
-    assert labels == ["3 (seed 4)", "3 (seed 5)", "3 (mean)", "5 (seed 4)", "5 (seed 5)", "5 (mean)"]
+    assert labels == ["3 (seed 4)", "3 (seed 5)", "3 (mean)",
+                      "5 (seed 4)", "5 (seed 5)", "5 (mean)"]
     assert lines[4].startswith("3 (mean) | 0.960 | 0.420 | 0.100 | 0.500 | 0.500 | 3 | 1 | 4 |")
     assert lines[8] == ("5 frames against 3: J&F -0.020, AP 95.2% of its 3-frame value, buffer "
                         "full in 1 of 2 videos")
