@@ -26,6 +26,8 @@ What differs ([D] = our decision in PAPER.md):
     frames after it returns and after a random frame (`unpainted`), the frames recurrent inference
     runs unpainted once it misses a mask: it taught the tiny model to track from memory (README
     "Long videos"; the paper's teacher forcing paints every visible tracked object).
+  - Ours: --average writes the mean of several runs' weights (`average_weights`, a model soup);
+    the average of five long-clip stage-3 runs kept AP at 256 frames best (README "Long videos").
 Left out: the VITA-style augmentation (data.py makes the clips), mixed-dataset batches (one dataset
 per batch), Mask2Former's point sampling and backbone lr multiplier, --iterative under torchrun.
 Shapes: b = clips in the batch (B is the paper's ID buffer), P = deep-supervision predictions,
