@@ -490,6 +490,7 @@ def average_checkpoints(args):
         evaluate(model.eval(), cfg, args.out)
     return 0
 
+
 def _remove_stale_tmp(path):
     """A <ckpt>.tmp left by an interrupted save (the checkpoint itself is whole or absent)."""
     if os.path.exists(path + ".tmp"):
@@ -694,7 +695,8 @@ def parse_args(argv=None):
     if args.average:
         args.out = args.out or "runs/average"
     args.out = args.out or f"runs/stage{args.stage}"
-    if args.init is None and args.stage > 1 and not args.resume and not args.benchmark:
+    trains = not (args.resume or args.benchmark or args.average)
+    if args.init is None and args.stage > 1 and trains:
         args.init = f"runs/stage{args.stage - 1}/ckpt.pt"
     return args
 
