@@ -474,9 +474,8 @@ def average_checkpoints(args):
         raise ValueError(f"--out {args.out}: its ckpt.pt is one of the checkpoints to average; "
                          f"give another --out")
     checkpoints = [load_checkpoint(p, "--average") for p in paths]
-    for path, ck in zip(paths, checkpoints):
-        _checkpoint_config(args, ck, path)  # refused if trained under another --preset
-    cfg = ausm.Config(**checkpoints[0]["config"])
+    configs = [_checkpoint_config(args, ck, p) for p, ck in zip(paths, checkpoints)]  # or refused
+    cfg = configs[0]
     model = ausm.AUSM(cfg)
     _load_weights(model, {"model": average_weights(checkpoints, paths)}, paths[0], None)
     os.makedirs(args.out, exist_ok=True)
